@@ -1,0 +1,139 @@
+"""CPU memory: an exact, reproducible limit on tensor bytes, and the limits the OS imposes.
+
+An OS limit (prlimit, a cgroup) gives a band, not a number: the allocator, oneDNN's scratch
+memory and the thread count move the edge between runs (design.md section 3). So `--memory-limit`
+is enforced by counting the bytes of live tensor storages, which is what a CUDA allocator's
+counters report, and an OS limit is recognised when it bites but reported as a band.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import resource
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from bsplan.units import format_bytes
+
+
+class TensorBytesLimit(TorchDispatchMode):
+    """Counts the bytes of live CPU tensor storages, keeps the peak, and raises
+    torch.OutOfMemoryError when an allocation takes the count past the limit.
+
+    Each storage is counted once (views share it) and uncounted by a weakref callback when it is
+    freed. The allocation has happened when the check runs; raising drops it again, as the
+    exception unwinds.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__()
+        self.limit_bytes = limit_bytes
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._live: dict[int, tuple[weakref.ref[Any], int]] = {}
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.current_bytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                self._count(tensor.untyped_storage())
+        return out
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key, size = id(storage), storage.nbytes()
+        known = self._live.get(key)
+        grown = size - (known[1] if known else 0)
+        if grown == 0:
+            return
+        self._live[key] = (known[0] if known else weakref.ref(storage, lambda _, key=key: self._forget(key)), size)
+        self.current_bytes += grown
+        if self.current_bytes > self.limit_bytes:
+            raise torch.OutOfMemoryError(
+                f"CPU out of memory under bsplan's limit: tried to allocate {format_bytes(grown)}; "
+                f"{format_bytes(self.current_bytes - grown)} of {format_bytes(self.limit_bytes)} already in use"
+            )
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+
+    def _forget(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.current_bytes -= entry[1]
+
+
+@dataclass(frozen=True)
+class HostLimit:
+    """A limit on this process's memory from outside it, and how much of it is left."""
+
+    source: str
+    remaining_bytes: int
+
+
+def host_limits() -> list[HostLimit]:
+    """What the OS lets this process still allocate: memory available, cgroup and rlimits."""
+    limits = []
+    meminfo = _read_kib_fields(Path("/proc/meminfo"))
+    if "MemAvailable" in meminfo:
+        limits.append(HostLimit("MemAvailable", meminfo["MemAvailable"]))
+    status = _read_kib_fields(Path("/proc/self/status"))
+    for name, used_field in (("RLIMIT_DATA", "VmData"), ("RLIMIT_AS", "VmSize")):
+        soft, _ = resource.getrlimit(getattr(resource, name))
+        if soft != resource.RLIM_INFINITY:
+            limits.append(HostLimit(name, max(0, soft - status.get(used_field, 0))))
+    cgroup = _cgroup_remaining()
+    if cgroup is not None:
+        limits.append(cgroup)
+    return limits
+
+
+def return_freed_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise), so that the
+    next trial under an OS limit starts where the last one did."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def describe(limits: list[HostLimit]) -> str:
+    return ", ".join(f"{limit.source} {format_bytes(limit.remaining_bytes)} left" for limit in limits)
+
+
+def _read_kib_fields(path: Path) -> dict[str, int]:
+    fields = {}
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                fields[name] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return fields
+
+
+def _cgroup_remaining() -> HostLimit | None:
+    for limit_file, usage_file, source in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "cgroup memory.max"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes", "cgroup memory limit"),
+    ):
+        try:
+            text = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if text == "max" or int(text) >= 1 << 60:
+            return None
+        return HostLimit(source, max(0, int(text) - usage))
+    return None
+

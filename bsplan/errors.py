@@ -1,0 +1,31 @@
+"""The three ways a command ends badly, each with its own exit code (see docs/cli.md)."""
+
+from __future__ import annotations
+
+
+class BsplanError(Exception):
+    """An error with one sentence for the user and the exit code scripts branch on."""
+
+    exit_code = 1
+
+    def to_dict(self) -> dict[str, object]:
+        return {"error": str(self), "kind": type(self).__name__}
+
+
+class BadInput(BsplanError):
+    """The user's options or model file are wrong before anything ran (exit 2)."""
+
+    exit_code = 2
+
+
+class UserCodeError(BsplanError):
+    """The user's own code raised an ordinary error (not out-of-memory): show their traceback (exit 1)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, traceback_text: str) -> None:
+        super().__init__(message)
+        self.traceback_text = traceback_text
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "traceback": self.traceback_text}

@@ -1,0 +1,210 @@
+"""`bsplan probe`: load the model, run the search with real trials, and assemble the result."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from bsplan.devices import Device, open_device
+from bsplan.errors import BadInput
+from bsplan.result import Breakdown, ModelInfo, ProbeResult, Trial
+from bsplan.search import SearchOutcome, find_max_batch
+from bsplan.trial import TrialRunner
+from bsplan.units import format_bytes, parse_size
+from bsplan.workload import load_workload
+
+DEFAULT_MAX_BATCH = 65536
+
+# Optimizer state tensors per parameter, for the breakdown when no optimizer step completed
+# (PyTorch's torch/optim sources: Adam-family keep exp_avg and exp_avg_sq; SGD keeps a momentum buffer).
+_STATE_PER_PARAMETER = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adadelta": 2, "Adagrad": 1, "RMSprop": 1}
+
+
+class Progress(Protocol):
+    def started(self, batch: int) -> None: ...
+    def finished(self, trial: Trial) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    device: str | None = None
+    memory_limit: int | None = None
+    precision: str = "fp32"
+    mode: str = "train"
+    steps: int = 3
+    min_batch: int = 1
+    max_batch: int = DEFAULT_MAX_BATCH
+    multiple_of: int = 1
+    headroom: float = 0.1
+
+    @classmethod
+    def checked(cls, *, memory_limit: str | None, max_batch: int | None, **values: object) -> ProbeOptions:
+        """Options from the command line, each bad one refused with one sentence."""
+        options = cls(
+            memory_limit=None if memory_limit is None else parse_size(memory_limit),
+            max_batch=DEFAULT_MAX_BATCH if max_batch is None else max_batch,
+            **values,  # type: ignore[arg-type]
+        )
+        if options.steps < 2:
+            raise BadInput("--steps must be at least 2: the first step allocates the optimizer state and warms up")
+        if options.min_batch < 1 or options.multiple_of < 1:
+            raise BadInput("--min-batch and --multiple-of must be at least 1")
+        if options.max_batch < options.min_batch:
+            raise BadInput(f"--max-batch {options.max_batch} is below --min-batch {options.min_batch}")
+        if -(-options.min_batch // options.multiple_of) * options.multiple_of > options.max_batch:
+            raise BadInput(f"no multiple of {options.multiple_of} lies between --min-batch and --max-batch")
+        if not 0 <= options.headroom < 1:
+            raise BadInput("--headroom must be a fraction from 0 up to (not including) 1, e.g. 0.1")
+        return options
+
+
+def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> ProbeResult:
+    """Find the largest batch that fits. Ctrl-C returns what was measured so far (interrupted)."""
+    workload = load_workload(model_file)
+    device = open_device(options.device, options.memory_limit)
+    for note in device.notes:
+        progress.note(note)
+    with device.tracking():
+        model = workload.build_model().to(device.torch_device)
+        model.train(options.mode == "train")
+        runner = TrialRunner(workload, model, device, steps=options.steps, precision=options.precision, mode=options.mode)
+
+        def fits(batch: int) -> bool:
+            progress.started(batch)
+            trial = runner(batch)
+            progress.finished(trial)
+            return trial.fits
+
+        interrupted = False
+        try:
+            outcome = _search(fits, options, device)
+        except KeyboardInterrupt:
+            interrupted = True
+            progress.note("interrupted: reporting the trials measured so far")
+            outcome = _outcome_of(runner.trials)
+        breakdown = _breakdown(model, runner, options.mode)
+    return _result(workload.name, model, device, options, runner, outcome, breakdown, interrupted)
+
+
+def _search(fits: Callable[[int], bool], options: ProbeOptions, device: Device) -> SearchOutcome:
+    """The search; under a limit from outside the process the largest fit is checked again, and
+    the search goes on below it while the re-check fails (the edge is a band)."""
+    outcome = find_max_batch(fits, options.min_batch, options.max_batch, options.multiple_of)
+    while not device.info.exact and outcome.max_fit is not None and not fits(outcome.max_fit):
+        below = outcome.max_fit - options.multiple_of
+        if below < options.min_batch:
+            return SearchOutcome(None, outcome.max_fit, capped=False)
+        outcome = find_max_batch(fits, options.min_batch, below, options.multiple_of)
+    return outcome
+
+
+def _outcome_of(trials: list[Trial]) -> SearchOutcome:
+    fitted = [trial.batch for trial in trials if trial.fits]
+    failed = [trial.batch for trial in trials if not trial.fits]
+    return SearchOutcome(max(fitted, default=None), min(failed, default=None), capped=False)
+
+
+def _breakdown(model: torch.nn.Module, runner: TrialRunner, mode: str) -> Breakdown:
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    train = mode == "train"
+    state, measured = runner.optimizer_state_bytes, True
+    if state is None:
+        measured = False
+        state = 0
+        if train:
+            kind = type(runner.workload.optimizer(model.parameters())).__name__
+            state = _STATE_PER_PARAMETER.get(kind, 0) * trainable_bytes
+    static = parameter_bytes + (trainable_bytes if train else 0) + state
+    return Breakdown(
+        parameter_bytes=parameter_bytes,
+        gradient_bytes=trainable_bytes if train else 0,
+        optimizer_state_bytes=state,
+        optimizer_state_measured=measured,
+        activation_bytes_per_sample=_per_sample(runner.trials, static),
+    )
+
+
+def _line(trials: list[Trial]) -> tuple[float, float] | None:
+    """Least-squares (intercept, slope) of peak bytes over batch, from the fitting trials."""
+    points = [(trial.batch, trial.peak_bytes) for trial in trials if trial.fits and trial.peak_bytes is not None]
+    batches = {batch for batch, _ in points}
+    if len(batches) < 2:
+        return None
+    mean_b = sum(b for b, _ in points) / len(points)
+    mean_p = sum(p for _, p in points) / len(points)
+    slope = sum((b - mean_b) * (p - mean_p) for b, p in points) / sum((b - mean_b) ** 2 for b, _ in points)
+    return mean_p - slope * mean_b, slope
+
+
+def _per_sample(trials: list[Trial], static_bytes: int) -> float | None:
+    line = _line(trials)
+    if line is not None:
+        return line[1]
+    fitted = [trial for trial in trials if trial.fits and trial.peak_bytes is not None]
+    if not fitted:
+        return None
+    return max(0.0, (fitted[0].peak_bytes - static_bytes) / fitted[0].batch)  # type: ignore[operator]
+
+
+def _recommended(trials: list[Trial], max_batch: int | None, budget: float) -> int | None:
+    """Largest batch whose peak stays within the budget: measured where a trial shows it, else
+    predicted on the affine fit of peak over batch; rounded down to a multiple of 8 from 8 up."""
+    if max_batch is None:
+        return None
+    within = [trial.batch for trial in trials if trial.fits and trial.peak_bytes is not None and trial.peak_bytes <= budget]
+    best = max(within, default=0)
+    line = _line(trials)
+    if line is not None and line[1] > 0:
+        best = max(best, min(max_batch, math.floor((budget - line[0]) / line[1])))
+    if best >= 8:
+        best -= best % 8
+    return best or None
+
+
+def _result(
+    name: str, model: torch.nn.Module, device: Device, options: ProbeOptions, runner: TrialRunner,
+    outcome: SearchOutcome, breakdown: Breakdown, interrupted: bool,
+) -> ProbeResult:
+    trials = runner.trials
+    peak = next((t.peak_bytes for t in reversed(trials) if t.fits and t.batch == outcome.max_fit), None)
+    notes = list(device.notes)
+    if runner.leaked_bytes > 0:
+        notes.append(f"a failed trial left {format_bytes(runner.leaked_bytes)} allocated: later trials had less memory")
+    if outcome.max_fit is None and not interrupted:
+        notes.append(_no_fit_message(outcome.first_fail, breakdown, device.info.total_bytes))
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return ProbeResult(
+        model=ModelInfo(name, sum(p.numel() for p in model.parameters()), has_batchnorm),
+        device=device.info,
+        mode=options.mode,
+        precision=options.precision,
+        steps=options.steps,
+        multiple_of=options.multiple_of,
+        headroom=options.headroom,
+        max_batch=outcome.max_fit,
+        first_oom_batch=outcome.first_fail,
+        recommended_batch=_recommended(trials, outcome.max_fit, (1 - options.headroom) * device.info.total_bytes),
+        peak_bytes=peak,
+        breakdown=breakdown,
+        trials=trials,
+        capped_at=options.max_batch if outcome.capped else None,
+        interrupted=interrupted,
+        notes=notes,
+    )
+
+
+def _no_fit_message(first_fail: int | None, breakdown: Breakdown, total: int) -> str:
+    static = breakdown.static_bytes
+    verdict = "more than" if static > total else "within"
+    return (
+        f"no batch fits: batch {first_fail} ran out of memory. The static memory alone needs {format_bytes(static)} "
+        f"(parameters {format_bytes(breakdown.parameter_bytes)}, gradients {format_bytes(breakdown.gradient_bytes)}, "
+        f"optimizer state {format_bytes(breakdown.optimizer_state_bytes)}), {verdict} the {format_bytes(total)} available. "
+        "Try --precision bf16, a smaller model, or sharding the model state (FSDP / ZeRO)."
+    )

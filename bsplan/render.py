@@ -1,0 +1,174 @@
+"""Rich tables for people; the same dataclasses go to JSON through their to_dict(). No torch here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.status import Status
+from rich.table import Table
+
+from bsplan.units import format_bytes
+
+if TYPE_CHECKING:
+    from bsplan.result import ProbeResult, Trial
+
+
+def _rate(trial: Trial) -> str:
+    return "-" if trial.samples_per_second is None else f"{trial.samples_per_second:,.1f}"
+
+
+class ProbeProgress:
+    """Live progress of a probe on stderr: a spinner while a trial runs, a line when it ends."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._status: Status | None = None
+
+    def started(self, batch: int) -> None:
+        self._stop()
+        if self.console.is_terminal:
+            self._status = self.console.status(f"trying batch {batch} ...")
+            self._status.start()
+
+    def finished(self, trial: Trial) -> None:
+        self._stop()
+        if trial.fits:
+            self.console.print(
+                f"  batch {trial.batch:>7}  fits   peak {format_bytes(trial.peak_bytes):>10}  "
+                f"{trial.seconds:6.2f} s  {_rate(trial):>12} samples/s"
+            )
+        else:
+            why = f"  ({trial.oom_evidence})" if trial.oom_evidence else ""
+            self.console.print(f"  batch {trial.batch:>7}  out of memory  {trial.seconds:6.2f} s{why}")
+
+    def note(self, text: str) -> None:
+        self._stop()
+        self.console.print(text, markup=False)
+
+    def _stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+def show_probe(console: Console, result: ProbeResult) -> None:
+    """The summary a person reads after a probe: the answer first, then how it was measured."""
+    device = result.device
+    summary = Table(title=f"bsplan probe: {result.model.file}", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("device", f"{device.name}, {format_bytes(device.total_bytes)} ({device.limit_source})")
+    summary.add_row("mode / precision", f"{result.mode}, {result.precision}, {result.steps} steps per trial")
+    summary.add_row("max batch", "none fits" if result.max_batch is None else str(result.max_batch))
+    if result.capped_at is not None:
+        summary.add_row("", f"every batch up to the cap {result.capped_at} fitted (raise --max-batch)")
+    summary.add_row("first out-of-memory", str(result.first_oom_batch or "-"))
+    summary.add_row(
+        f"recommended ({result.headroom:.0%} headroom)",
+        "-" if result.recommended_batch is None else str(result.recommended_batch),
+    )
+    summary.add_row("peak at max batch", format_bytes(result.peak_bytes))
+    memory = result.breakdown
+    summary.add_row("parameters", format_bytes(memory.parameter_bytes))
+    summary.add_row("gradients", format_bytes(memory.gradient_bytes))
+    estimated = "" if memory.optimizer_state_measured else " (estimated)"
+    summary.add_row("optimizer state", format_bytes(memory.optimizer_state_bytes) + estimated)
+    summary.add_row("activations per sample", format_bytes(memory.activation_bytes_per_sample))
+    console.print(summary)
+
+    trials = Table(title="trials", title_justify="left")
+    for name in ("batch", "fits", "peak", "seconds", "samples/s"):
+        trials.add_column(name, justify="right")
+    for trial in sorted(result.trials, key=lambda t: t.batch):
+        trials.add_row(
+            str(trial.batch), "yes" if trial.fits else "OOM", format_bytes(trial.peak_bytes),
+            f"{trial.seconds:.2f}", _rate(trial),
+        )
+    console.print(trials)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
+
+
+# --- bsplan plan -------------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from bsplan.plan import Limit, Plan, Split
+
+
+def show_plan(console: Console, plan: Plan) -> None:
+    """The plan a person reads: the split first, then the rate and warmup, then what to watch."""
+    from rich.text import Text  # cells as plain text: paths and device names may hold [brackets]
+
+    world = plan.world_size
+    summary = Table(
+        title=f"bsplan plan: global batch {plan.global_batch} = {plan.micro_batch} x {plan.accumulation_steps} x {world} devices",
+        show_header=False, title_justify="left",
+    )
+    summary.add_column(style="bold")
+    summary.add_column()
+    rows = [
+        ("micro-batch per device", str(plan.micro_batch)),
+        ("accumulation steps", str(plan.accumulation_steps)),
+        ("devices", f"{world} ({plan.nodes} node{'s' if plan.nodes > 1 else ''} x {plan.gpus_per_node})"),
+        ("per-device limit", _limit_text(plan.limit)),
+        ("chosen by", plan.chosen_by + (f": {_seconds_text(plan.choice)}" if plan.choice.seconds_per_step else "")),
+        ("optimizer", plan.optimizer),
+        ("learning rate", _learning_rate_text(plan)),
+        ("warmup", _warmup_text(plan)),
+    ]
+    if plan.schedule is not None:
+        rows.append(("steps per epoch", str(plan.schedule.steps_per_epoch)))
+        rows.append(("total steps", "-" if plan.schedule.total_steps is None else str(plan.schedule.total_steps)))
+    for name, value in rows:
+        summary.add_row(name, Text(value))
+    console.print(summary)
+
+    if plan.alternatives:
+        timed = plan.choice.seconds_per_step is not None
+        others = Table(title="runners-up", title_justify="left")
+        for name in ("micro-batch", "accumulation steps", "predicted time per optimizer step")[: 3 if timed else 2]:
+            others.add_column(name, justify="right")
+        for split in plan.alternatives:
+            timing = [_seconds_text(split)] if timed else []
+            others.add_row(str(split.micro_batch), str(split.accumulation_steps), *timing)
+        console.print(others)
+    for warning in plan.warnings:
+        source = f" Source: {warning.source}." if warning.source else ""
+        console.print(f"warning: {warning.message}. Why: {warning.reason}.{source}", markup=False)
+    for note in plan.notes:
+        console.print(f"note: {note}", markup=False)
+
+
+def _limit_text(limit: Limit) -> str:
+    probe = limit.probe
+    if limit.micro_batch is None:
+        return "none known: no memory bound (see the warning)"
+    if probe is None:
+        return f"{limit.micro_batch} ({limit.source})"
+    if limit.source == "--max-micro":
+        return f"{limit.micro_batch} (--max-micro); timings and BatchNorm from {probe.describe()}"
+    other = "" if limit.source == "max_batch" else f"; --use max for its max_batch {probe.max_batch}"
+    return f"{limit.micro_batch}: {limit.source} of {probe.describe()}{other}"
+
+
+def _seconds_text(split: Split) -> str:
+    return f"{split.seconds_per_step:.3g} s ({split.timing})"
+
+
+def _learning_rate_text(plan: Plan) -> str:
+    rate = plan.learning_rate
+    if rate is None:
+        return "- (no reference recipe)"
+    return (f"{rate.value:g} = {rate.base_lr:g} x {rate.factor:.4g} ({rate.rule} scaling from batch {rate.base_batch}); "
+            f"{rate.source}")
+
+
+def _warmup_text(plan: Plan) -> str:
+    warmup = plan.warmup
+    if warmup is None:
+        return "-"
+    length = [f"{warmup.steps} steps"] if warmup.steps is not None else []
+    if warmup.epochs is not None:
+        length.append(f"{warmup.epochs:.3g} epochs")
+    return f"{' = '.join(length)}, linear from {warmup.start_lr:g}; rule: {warmup.rule}; {warmup.source}"

@@ -1,0 +1,83 @@
+"""What a probe measured: typed dataclasses that render to a table (render.py) and to JSON.
+
+The JSON field names are a contract with scripts and with `bsplan plan --from`: change them only
+with a new SCHEMA version (docs/json.md lists them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+PROBE_SCHEMA = "bsplan.probe/1"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One batch size tried with real training steps."""
+
+    batch: int
+    fits: bool
+    peak_bytes: int | None  # None when the trial ran out of memory before the peak could be read
+    seconds: float  # wall time of the whole trial, warm-up step included
+    samples_per_second: float | None  # timed after the warm-up step; None when it did not fit
+    error: str | None = None  # the out-of-memory message, first line, when it did not fit
+    oom_evidence: str | None = None  # why an ambiguous error was taken for out-of-memory
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str  # "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"
+    type: str  # "cuda" or "cpu"
+    total_bytes: int  # the memory a batch may use: the card's total, or the limit in force
+    limit_source: str  # what set total_bytes: "device", "--memory-limit", "MemAvailable", ...
+    exact: bool  # False where the edge is a band (a limit from outside the process)
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Static memory and the memory each sample adds, both from the measured trials."""
+
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    optimizer_state_measured: bool  # False: estimated from the optimizer type (no step completed)
+    activation_bytes_per_sample: float | None  # slope of peak over batch, None with no fitting trial
+
+    @property
+    def static_bytes(self) -> int:
+        return self.parameter_bytes + self.gradient_bytes + self.optimizer_state_bytes
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    file: str
+    parameters: int
+    has_batchnorm: bool
+
+
+@dataclass
+class ProbeResult:
+    model: ModelInfo
+    device: DeviceInfo
+    mode: str
+    precision: str
+    steps: int
+    multiple_of: int
+    headroom: float
+    max_batch: int | None
+    first_oom_batch: int | None
+    recommended_batch: int | None
+    peak_bytes: int | None
+    breakdown: Breakdown
+    trials: list[Trial] = field(default_factory=list)
+    capped_at: int | None = None  # the --max-batch cap when every batch up to it fitted
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
+    schema: str = PROBE_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["breakdown"]["static_bytes"] = self.breakdown.static_bytes
+        return data

@@ -1,0 +1,131 @@
+"""One trial: real training steps at one batch size, then the process put back as it was.
+
+design.md section 3: `steps` (>= 2) full steps of make_batch, forward, backward, optimizer.step()
+and zero_grad(set_to_none=True); the first allocates the optimizer state, so it counts. After an
+out-of-memory everything the trial made is released (batch, activations, gradients, optimizer
+state, the exception's frames) and the allocator's cache emptied, so the next trial starts from
+the same memory: otherwise every failure shrinks what later trials can fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from bsplan.devices import Device
+from bsplan.errors import BsplanError
+from bsplan.oom import Failure, classify
+from bsplan.result import Trial
+from bsplan.workload import Workload, user_error
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrialRunner:
+    """Runs trials on one model on one device; remembers every trial and what it measured."""
+
+    def __init__(self, workload: Workload, model: torch.nn.Module, device: Device, *, steps: int, precision: str, mode: str) -> None:
+        self.workload = workload
+        self.model = model
+        self.device = device
+        self.steps = steps
+        self.precision = precision
+        self.train = mode == "train"
+        self.trials: list[Trial] = []
+        self.optimizer_state_bytes: int | None = None  # measured after the first completed optimizer step
+        self.leaked_bytes = 0  # bytes a failed trial left behind (should stay 0)
+
+    def __call__(self, batch: int) -> Trial:
+        self.device.release()
+        before = self.device.current_bytes()
+        self.device.reset_peak()
+        start = time.perf_counter()
+        try:
+            rate = self._run_steps(batch)
+            trial = Trial(batch, True, self.device.peak_bytes(), time.perf_counter() - start, rate)
+        except BsplanError:
+            raise
+        except Exception as error:  # noqa: BLE001 - classified right here
+            trial = self._failed(batch, error, time.perf_counter() - start)
+        finally:
+            self._release()
+        if not trial.fits:
+            self.leaked_bytes = max(self.leaked_bytes, self.device.current_bytes() - before)
+        self.trials.append(trial)
+        return trial
+
+    def _failed(self, batch: int, error: Exception, seconds: float) -> Trial:
+        """An out-of-memory becomes a failed trial; anything else is the user's error."""
+        failure = classify(error)
+        evidence = None
+        if failure is Failure.AMBIGUOUS:
+            smaller = [trial.batch for trial in self.trials if trial.fits and trial.batch < batch]
+            if not smaller:
+                raise user_error(
+                    f"a training step of {self.workload.name} at batch {batch} (an error that out-of-memory also "
+                    "causes, but no smaller batch fitted to show it was)",
+                    error,
+                ) from None
+            evidence = f"{_first_line(error)!r} taken as out-of-memory: batch {max(smaller)} fitted"
+        elif failure is Failure.OTHER:
+            raise user_error(f"a training step of {self.workload.name} at batch {batch}", error) from None
+        return Trial(batch, False, None, seconds, None, _first_line(error), evidence)
+
+    def _run_steps(self, batch_size: int) -> float:
+        """Run the steps; return samples per second over the steps after the first (the warm-up)."""
+        device, model = self.device, self.model
+        autocast = (
+            torch.autocast(device.torch_device.type, dtype=_AUTOCAST[self.precision])
+            if self.precision in _AUTOCAST
+            else contextlib.nullcontext()
+        )
+        optimizer = self.workload.optimizer(model.parameters()) if self.train else None
+        scaler = torch.amp.GradScaler(device.torch_device.type) if self.train and self.precision == "fp16" else None
+        timed_from = 0.0
+        for step in range(self.steps):
+            if step == 1:
+                device.synchronize()
+                timed_from = time.perf_counter()
+            batch = self.workload.make_batch(batch_size, device.torch_device)
+            if optimizer is None:
+                with torch.inference_mode(), autocast:
+                    self.workload.loss(model, batch)
+                continue
+            with autocast:
+                loss = self.workload.loss(model, batch)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            if self.optimizer_state_bytes is None:
+                self.optimizer_state_bytes = state_bytes(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            del batch, loss
+        device.synchronize()
+        return batch_size * (self.steps - 1) / max(time.perf_counter() - timed_from, 1e-9)
+
+    def _release(self) -> None:
+        for parameter in self.model.parameters():
+            parameter.grad = None
+        torch.clear_autocast_cache()
+        self.device.release()
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors (each storage once)."""
+    storages = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
