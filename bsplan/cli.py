@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from bsplan.errors import BadInput, BsplanError, UserCodeError
+from bsplan.result import LAST_PROBE
 
 # torch warns at import when NumPy is missing; bsplan never hands torch a NumPy array.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -54,25 +55,29 @@ def _fail(error: BsplanError, json_out: bool) -> NoReturn:
     if json_out:
         print(json.dumps(error.to_dict(), indent=2))
     if isinstance(error, UserCodeError):
-        stderr.print(error.traceback_text, end="", markup=False)
+        stderr.print(error.traceback_text, end="", markup=False, soft_wrap=True)
     if not json_out:
-        stderr.print(f"error: {error}", markup=False)
+        stderr.print(f"error: {error}", markup=False, soft_wrap=True)
     raise typer.Exit(error.exit_code)
 
 
 def _emit(data: dict[str, Any], show: Callable[[Console], None], json_out: bool, output: Path | None) -> None:
     """The result: one JSON document on stdout with --json, else a table; --output also saves the JSON."""
-    text = json.dumps(data, indent=2)
     if output is not None:
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text + "\n")
-        except OSError as error:
-            stderr.print(f"warning: could not write {output}: {error.strerror}", markup=False)
+        _write_json(output, data)
     if json_out:
-        print(text)
+        print(json.dumps(data, indent=2))
     else:
         show(stdout)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Save a result; a file that cannot be written is a warning, never a lost result."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as error:
+        stderr.print(f"warning: could not write {path}: {error.strerror}", markup=False)
 
 
 @app.command()
@@ -91,6 +96,7 @@ def probe(
     headroom: float = typer.Option(0.1, help="Fraction of device memory kept free in recommended_batch."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
     output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
+    save: bool = typer.Option(True, help=f"Save the result to {LAST_PROBE} for `bsplan plan` to use."),
 ) -> None:
     """Run real training steps at growing batch sizes and find the exact largest batch that fits."""
     from bsplan.render import ProbeProgress, show_probe
@@ -105,11 +111,101 @@ def probe(
         result = run_probe(model_file, options, ProbeProgress(stderr))
     except BsplanError as error:
         _fail(error, json_out)
-    _emit(result.to_dict(), lambda console: show_probe(console, result), json_out, output)
+    data = result.to_dict()
+    if save and not result.interrupted:
+        _write_json(LAST_PROBE, data)
+    _emit(data, lambda console: show_probe(console, result), json_out, output)
     if result.interrupted:
         raise typer.Exit(130)
     if result.max_batch is None:
         raise typer.Exit(EXIT_NO_FIT)
+
+
+class PlanFormat(str, Enum):
+    table = "table"
+    json = "json"
+    deepspeed = "deepspeed"
+    hf = "hf"
+    lightning = "lightning"
+    torchrun = "torchrun"
+
+
+class Scaling(str, Enum):
+    auto = "auto"
+    linear = "linear"
+    sqrt = "sqrt"
+    none = "none"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+    lamb = "lamb"
+    lars = "lars"
+
+
+class ProbeLimit(str, Enum):
+    recommended = "recommended"
+    max = "max"
+
+
+@app.command()
+def plan(
+    target: int = typer.Option(..., help="Global batch: samples per optimizer step over all devices."),
+    gpus: int = typer.Option(1, help="Devices per node."),
+    nodes: int = typer.Option(1, help="Nodes; the world size is nodes x gpus."),
+    max_micro: Optional[int] = typer.Option(
+        None, help=f"Largest micro-batch one device fits. Default: from --from, else the probe saved in {LAST_PROBE}."
+    ),
+    from_file: Optional[Path] = typer.Option(
+        None, "--from", help="A saved probe (bsplan probe --output FILE): its limit, its timings, its BatchNorm."
+    ),
+    use: ProbeLimit = typer.Option(ProbeLimit.recommended, help="The probe's recommended_batch (keeps headroom) or its max_batch."),
+    multiple_of: int = typer.Option(1, help="Only micro-batches that are multiples of N."),
+    base_lr: Optional[float] = typer.Option(None, help="Learning rate of a reference recipe (with --base-batch)."),
+    base_batch: Optional[int] = typer.Option(None, help="Global batch the reference recipe used --base-lr at."),
+    scaling: Scaling = typer.Option(Scaling.auto, help="auto: linear for sgd/lars, square root for adam/adamw/lamb."),
+    optimizer: Optimizer = typer.Option(Optimizer.adamw, help="Picks the auto scaling and warmup rules."),
+    beta2: float = typer.Option(0.999, help="The Adam family's beta2: warmup of at least 2/(1-beta2) steps."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Warmup in optimizer steps (default: the rule that applies)."),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Warmup in epochs."),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Warmup as a fraction of all steps (needs --dataset-size, --epochs)."),
+    dataset_size: Optional[int] = typer.Option(None, help="Samples per epoch: steps per epoch and warmup in steps."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs to train: total optimizer steps."),
+    batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm", help="Whether the model has BatchNorm (default: as the probe found)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as one JSON document (same as --format json)."),
+    output_format: PlanFormat = typer.Option(
+        PlanFormat.table, "--format", help="table, json, or what one tool reads: deepspeed, hf, lightning, torchrun."
+    ),
+) -> None:
+    """Split a global batch into micro-batch x accumulation steps x devices, with learning rate and warmup."""
+    from bsplan.export import export_plan
+    from bsplan.plan import PlanOptions, make_plan
+    from bsplan.render import show_plan, warning_text
+
+    fmt = PlanFormat.json if json_out else output_format
+    try:
+        if json_out and output_format not in (PlanFormat.table, PlanFormat.json):
+            raise BadInput(f"--json and --format {output_format.value} ask for two outputs: give one of them")
+        options = PlanOptions(
+            global_batch=target, gpus_per_node=gpus, nodes=nodes, max_micro=max_micro, probe_file=from_file,
+            use=use.value, multiple_of=multiple_of, base_lr=base_lr, base_batch=base_batch, scaling=scaling.value,
+            optimizer=optimizer.value, beta2=beta2, warmup_steps=warmup_steps, warmup_epochs=warmup_epochs,
+            warmup_ratio=warmup_ratio, dataset_size=dataset_size, epochs=epochs, batchnorm=batchnorm,
+        )
+        result = make_plan(options)
+    except BsplanError as error:
+        _fail(error, fmt is PlanFormat.json)
+    if fmt in (PlanFormat.table, PlanFormat.json):
+        _emit(result.to_dict(), lambda console: show_plan(console, result), fmt is PlanFormat.json, None)
+        return
+    exported = export_plan(result, fmt.value)
+    print(exported.text)
+    for warning in result.warnings:
+        stderr.print(warning_text(warning), markup=False)
+    for note in exported.notes:
+        stderr.print(f"note: {note}", markup=False)
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bsplan.errors import BadInput
-from bsplan.saved import LAST_PROBE, SavedProbe, load_probe
+from bsplan.result import LAST_PROBE
+from bsplan.saved import SavedProbe, load_probe
 from bsplan.scaling import (
     ADAM_FAMILY, GOYAL, LAMB, LARS, MA_YARATS, OPTIMIZERS, SCALINGS, WU_HE,
     LearningRate, Schedule, Warmup, adam_warmup_steps, choose_warmup, scale_learning_rate,
@@ -222,28 +223,38 @@ def decompose(
     splits = [_timed_split(micro, per_device // micro, points) for micro in micros]
     if limit is None:
         return Decomposition(splits[0], (), "no per-device limit: accumulation 1")
-    if not points:
+    seconds = {split.micro_batch: split.seconds_per_step for split in splits if split.seconds_per_step is not None}
+    if not seconds:
         return Decomposition(splits[0], tuple(splits[1 : MAX_ALTERNATIVES + 1]), "fewest accumulation steps")
-    seconds = {split.micro_batch: split.seconds_per_step or 0.0 for split in splits}  # all timed: points exist
     fastest = min(seconds.values())
-    choice = next(split for split in splits if seconds[split.micro_batch] <= fastest * SAME_SPEED)
-    rest = sorted((s for s in splits if s is not choice), key=lambda s: (seconds[s.micro_batch], s.accumulation_steps))
+    choice = next(split for split in splits if seconds.get(split.micro_batch, math.inf) <= fastest * SAME_SPEED)
+    rest = sorted(  # timed ones fastest first, then the untimed (below the probed batches) by accumulation
+        (s for s in splits if s is not choice), key=lambda s: (seconds.get(s.micro_batch, math.inf), s.accumulation_steps)
+    )
     return Decomposition(choice, tuple(rest[:MAX_ALTERNATIVES]), "fastest predicted optimizer step (probe timings)")
 
 
-def _no_split(global_batch: int, world_size: int, limit: int | None, multiple_of: int) -> str:
-    """One sentence naming the nearest global batches that do split: the multiples of devices x multiple_of."""
+def nearest_achievable(global_batch: int, world_size: int, multiple_of: int = 1) -> tuple[int | None, int]:
+    """The global batches nearest below (None if none) and above that split exactly. With a limit of
+    at least multiple_of they are the multiples of devices x multiple_of: micro multiple_of always fits."""
     step = world_size * multiple_of
+    below = global_batch // step * step
+    return (below or None), below + step
+
+
+def _no_split(global_batch: int, world_size: int, limit: int | None, multiple_of: int) -> str:
+    """One sentence: why the target does not split, and the nearest global batches that do."""
     if global_batch % world_size:
         why = f"{global_batch} is not a multiple of the {world_size} devices"
     else:
         why = f"its {global_batch // world_size} per device is not a multiple of --multiple-of {multiple_of}"
-    below = global_batch // step * step
-    nearest = [f"{g} (micro-batch {m} x {a} accumulation steps)" for g, m, a in
-               ((g, *_best(g // world_size, limit, multiple_of)) for g in (below, below + step) if g > 0)]
-    if len(nearest) == 1:
-        return f"cannot split global batch {global_batch} exactly: {why}; the nearest achievable global batch is {nearest[0]}"
-    return f"cannot split global batch {global_batch} exactly: {why}; the nearest achievable global batches are {nearest[0]} and {nearest[1]}"
+    nearest = [
+        f"{g} (micro-batch {micro} x {accumulation} accumulation step{'s' if accumulation > 1 else ''})"
+        for g in nearest_achievable(global_batch, world_size, multiple_of) if g is not None
+        for micro, accumulation in [_best(g // world_size, limit, multiple_of)]
+    ]
+    named = f"batch is {nearest[0]}" if len(nearest) == 1 else f"batches are {nearest[0]} and {nearest[1]}"
+    return f"cannot split global batch {global_batch} exactly: {why}; the nearest achievable global {named}"
 
 
 def _best(per_device: int, limit: int | None, multiple_of: int) -> tuple[int, int]:
@@ -261,14 +272,15 @@ def _seconds_per_sample_points(throughput: Sequence[tuple[int, float]]) -> list[
 
 def _timed_split(micro: int, accumulation: int, points: list[tuple[int, float]]) -> Split:
     """Predicted time per optimizer step = accumulation x micro x seconds per sample at that micro:
-    linear between measured batches, flat past the smallest and largest (so the tie rule decides there)."""
-    if not points:
+    linear between measured batches, flat past the largest (larger batches rarely run slower per
+    sample, so the tie rule decides there), and none below the smallest, where flat would flatter."""
+    if not points or micro < points[0][0]:
         return Split(micro, accumulation)
     index = bisect_left(points, micro, key=lambda point: point[0])
     if index < len(points) and points[index][0] == micro:
         per_sample, timing = points[index][1], "measured"
-    elif index in (0, len(points)):
-        per_sample, timing = points[min(index, len(points) - 1)][1], "extrapolated"
+    elif index == len(points):
+        per_sample, timing = points[-1][1], "extrapolated"
     else:
         (b0, t0), (b1, t1) = points[index - 1], points[index]
         per_sample, timing = t0 + (t1 - t0) * (micro - b0) / (b1 - b0), "interpolated"
@@ -335,8 +347,14 @@ def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
 def plan_warnings(plan: Plan, options: PlanOptions) -> list[PlanWarning]:
     """What could make this plan train worse than its numbers suggest, each with its reason and source."""
     warnings = _limit_warnings(plan.limit)
-    batchnorm = _batchnorm_source(options, plan.limit.probe)
+    probe = plan.limit.probe
     micro, world = plan.micro_batch, plan.world_size
+    if probe is not None and probe.max_batch is not None and micro > probe.max_batch:
+        warnings.append(PlanWarning(
+            "above-probed-max", f"lower --max-micro to at most {probe.max_batch}",
+            f"micro-batch {micro} is above the largest batch that fitted in {probe.describe()} ({probe.max_batch})", None,
+        ))
+    batchnorm = _batchnorm_source(options, probe)
     if batchnorm is not None and micro < BATCHNORM_MIN_MICRO:
         synced = micro * world
         advice = (f"use SyncBatchNorm (it normalises over the {synced} samples of all {world} devices) or GroupNorm"

@@ -44,7 +44,7 @@ class ProbeProgress:
 
     def note(self, text: str) -> None:
         self._stop()
-        self.console.print(text, markup=False)
+        self.console.print(text, markup=False, soft_wrap=True)
 
     def _stop(self) -> None:
         if self._status is not None:
@@ -87,13 +87,13 @@ def show_probe(console: Console, result: ProbeResult) -> None:
         )
     console.print(trials)
     for note in result.notes:
-        console.print(f"note: {note}", markup=False)
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
 
 
 # --- bsplan plan -------------------------------------------------------------------------------
 
 if TYPE_CHECKING:
-    from bsplan.plan import Limit, Plan, Split
+    from bsplan.plan import Limit, Plan, PlanWarning, Split
 
 
 def show_plan(console: Console, plan: Plan) -> None:
@@ -134,10 +134,15 @@ def show_plan(console: Console, plan: Plan) -> None:
             others.add_row(str(split.micro_batch), str(split.accumulation_steps), *timing)
         console.print(others)
     for warning in plan.warnings:
-        source = f" Source: {warning.source}." if warning.source else ""
-        console.print(f"warning: {warning.message}. Why: {warning.reason}.{source}", markup=False)
+        console.print(warning_text(warning), markup=False)
     for note in plan.notes:
-        console.print(f"note: {note}", markup=False)
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
+
+
+def warning_text(warning: PlanWarning) -> str:
+    """One warning as a paragraph: what to do, why, and the source."""
+    source = f" Source: {warning.source}." if warning.source else ""
+    return f"warning: {warning.message}. Why: {warning.reason}.{source}"
 
 
 def _limit_text(limit: Limit) -> str:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 PROBE_SCHEMA = "bsplan.probe/1"
+# Where `bsplan probe` saves its result for `bsplan plan` (relative to the working directory).
+LAST_PROBE = Path(".bsplan") / "last-probe.json"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Saved probe results read back for `bsplan plan`: JSON only, so planning never imports torch.
 
-`bsplan probe` saves its result (ProbeResult.to_dict(), docs/json.md) at LAST_PROBE in the working
+`bsplan probe` saves its result (ProbeResult.to_dict(), docs/json.md) at result.LAST_PROBE in the working
 directory, which lets `bsplan probe model.py` then `bsplan plan --target 1024 --gpus 4` work with no
 file named; `--from FILE` reads any other saved probe (`bsplan probe --output FILE`).
 """
@@ -14,8 +14,6 @@ from typing import Any
 
 from bsplan.errors import BadInput
 from bsplan.result import PROBE_SCHEMA
-
-LAST_PROBE = Path(".bsplan") / "last-probe.json"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,166 @@
+"""`bsplan probe` as a user runs it: the JSON schema, exit codes, and every error path."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES, MODELS, bsplan
+
+PROBE_FIELDS = {
+    "schema", "model", "device", "mode", "precision", "steps", "multiple_of", "headroom", "max_batch",
+    "first_oom_batch", "recommended_batch", "peak_bytes", "breakdown", "trials", "capped_at", "interrupted", "notes",
+}
+TRIAL_FIELDS = {"batch", "fits", "peak_bytes", "seconds", "samples_per_second", "error", "oom_evidence"}
+
+
+def test_json_result_has_the_documented_fields_and_saves_for_plan(workdir: Path) -> None:
+    run = bsplan("probe", str(EXAMPLES / "cnn.py"), "--device", "cpu", "--memory-limit", "64MiB", "--json", cwd=workdir)
+    assert run.code == 0, run.stderr
+    data = run.json()
+    assert set(data) == PROBE_FIELDS
+    assert data["schema"] == "bsplan.probe/1"
+    assert (data["max_batch"], data["first_oom_batch"]) == (24, 25)
+    assert data["recommended_batch"] == 16  # 90% of 64 MiB holds about 21 samples: rounded down to 8s
+    assert data["device"] == {"name": "cpu", "type": "cpu", "total_bytes": 64 * 2**20, "limit_source": "--memory-limit", "exact": True}
+    assert set(data["breakdown"]) == {
+        "parameter_bytes", "gradient_bytes", "optimizer_state_bytes", "optimizer_state_measured",
+        "activation_bytes_per_sample", "static_bytes",
+    }
+    assert data["breakdown"]["optimizer_state_bytes"] == data["breakdown"]["parameter_bytes"]  # SGD momentum: one buffer
+    assert data["model"]["has_batchnorm"] is True
+    for trial in data["trials"]:
+        assert set(trial) == TRIAL_FIELDS
+        assert (trial["peak_bytes"] is not None) == trial["fits"] == (trial["samples_per_second"] is not None)
+    peak = next(t["peak_bytes"] for t in data["trials"] if t["batch"] == 24)
+    assert data["peak_bytes"] == peak <= 64 * 2**20
+    assert "trials" not in run.stdout.split("{", 1)[0]  # progress went to stderr, stdout is only JSON
+    assert "batch      24  fits" in run.stderr
+    saved = json.loads((workdir / ".bsplan" / "last-probe.json").read_text())
+    assert saved["max_batch"] == 24
+
+
+def test_table_output_and_no_save(workdir: Path) -> None:
+    run = bsplan("probe", str(MODELS / "tiny.py"), "--device", "cpu", "--memory-limit", "1MiB", "--no-save", cwd=workdir)
+    assert run.code == 0, run.stderr
+    assert "max batch" in run.stdout and "recommended" in run.stdout and "optimizer state" in run.stdout
+    assert not (workdir / ".bsplan").exists()
+
+
+def test_checking_one_batch_and_output_file(workdir: Path) -> None:
+    run = bsplan(
+        "probe", str(EXAMPLES / "cnn.py"), "--device", "cpu", "--memory-limit", "64MiB", "--min-batch", "20",
+        "--max-batch", "20", "--json", "--output", "out/probe.json", cwd=workdir,
+    )
+    assert run.code == 0
+    assert [t["batch"] for t in run.json()["trials"]] == [20]
+    assert json.loads((workdir / "out" / "probe.json").read_text())["max_batch"] == 20
+
+
+def test_multiple_of_and_cap(workdir: Path) -> None:
+    run = bsplan("probe", str(MODELS / "tiny.py"), "--device", "cpu", "--memory-limit", "1GiB", "--max-batch", "100",
+                 "--multiple-of", "8", "--json", cwd=workdir)
+    data = run.json()
+    assert (data["max_batch"], data["capped_at"], data["first_oom_batch"]) == (96, 100, None)
+    assert all(t["batch"] % 8 == 0 for t in data["trials"])
+
+
+def test_no_batch_fits_exits_3_and_says_what_static_memory_needs(workdir: Path) -> None:
+    run = bsplan("probe", str(EXAMPLES / "mlp.py"), "--device", "cpu", "--memory-limit", "8MiB", cwd=workdir)
+    assert run.code == 3
+    assert "no batch fits" in run.stdout and "static memory alone needs" in run.stdout and "bf16" in run.stdout
+    run = bsplan("probe", str(EXAMPLES / "mlp.py"), "--device", "cpu", "--memory-limit", "8MiB", "--json", cwd=workdir)
+    assert run.code == 3 and run.json()["max_batch"] is None and run.json()["first_oom_batch"] == 1
+
+
+def test_without_a_limit_the_cpu_says_what_applied(workdir: Path) -> None:
+    run = bsplan("probe", str(MODELS / "tiny.py"), "--device", "cpu", "--max-batch", "64", "--json", cwd=workdir)
+    data = run.json()
+    assert data["max_batch"] == 64 and data["device"]["limit_source"] == "MemAvailable"
+    assert any("no --memory-limit" in note for note in data["notes"])
+
+
+def _limit_data(size: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_DATA, (size, size))
+
+
+def test_a_limit_from_outside_the_process_is_recognised_as_out_of_memory(workdir: Path) -> None:
+    run = bsplan("probe", str(EXAMPLES / "cnn.py"), "--device", "cpu", "--json", "--max-batch", "256", cwd=workdir,
+                 preexec_fn=_limit_data(1000 * 2**20))
+    assert run.code == 0, run.stderr
+    data = run.json()
+    assert data["device"]["limit_source"] == "RLIMIT_DATA" and data["device"]["exact"] is False
+    assert data["max_batch"] is not None and data["first_oom_batch"] is not None
+    failures = [t for t in data["trials"] if not t["fits"]]
+    assert failures and all(t["error"] for t in failures)
+    assert any("band" in note for note in data["notes"])
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["probe", "missing.py"], 2, "does not exist"),
+        (["probe", str(MODELS / "no_make_batch.py")], 2, "does not define make_batch()"),
+        (["probe", str(MODELS / "bad_batch.py")], 2, "must return a tensor, a tuple/list of tensors or a dict"),
+        (["probe", str(MODELS / "import_error.py")], 1, "ImportError: no module named 'my_secret_package'"),
+        (["probe", str(MODELS / "shape_error.py")], 1, "RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+        (["probe", str(MODELS / "tiny.py"), "--steps", "1"], 2, "--steps must be at least 2"),
+        (["probe", str(MODELS / "tiny.py"), "--memory-limit", "lots"], 2, "cannot read 'lots' as a memory size"),
+        (["probe", str(MODELS / "tiny.py"), "--device", "tpu"], 2, "unknown device 'tpu'"),
+        (["probe", str(MODELS / "tiny.py"), "--min-batch", "10", "--max-batch", "5"], 2, "is below --min-batch"),
+        (["probe", str(MODELS / "tiny.py"), "--headroom", "1.5"], 2, "--headroom"),
+        (["probe", str(MODELS / "tiny.py"), "--precision", "fp8"], 2, "fp8"),
+    ],
+)
+def test_errors_are_one_sentence_with_exit_code_and_json(workdir: Path, args: list[str], code: int, message: str) -> None:
+    args = [*args, "--device", "cpu"] if "--device" not in args else args
+    run = bsplan(*args, cwd=workdir)
+    assert run.code == code
+    assert message in run.stderr
+    assert run.stdout == ""
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") or "Error" in last
+    assert "bsplan/cli.py" not in run.stderr  # never bsplan's own traceback
+    as_json = bsplan(*args, "--json", cwd=workdir)
+    assert as_json.code == code
+    assert message in as_json.json()["error"]
+
+
+def test_the_users_traceback_is_shown_for_their_error(workdir: Path) -> None:
+    run = bsplan("probe", str(MODELS / "shape_error.py"), "--device", "cpu", cwd=workdir)
+    assert "Traceback (most recent call last)" in run.stderr
+    assert "shape_error.py" in run.stderr and "return self.layer(inputs)" in run.stderr
+    assert "out of memory" not in run.stderr.lower()
+    data = bsplan("probe", str(MODELS / "shape_error.py"), "--device", "cpu", "--json", cwd=workdir).json()
+    assert data["kind"] == "UserCodeError" and "shape_error.py" in data["traceback"]
+
+
+def test_ctrl_c_prints_what_was_measured(workdir: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bsplan.cli", "probe", str(EXAMPLES / "mlp.py"), "--device", "cpu", "--memory-limit", "2GiB", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir,
+    )
+    assert process.stderr is not None
+    lines = []
+    while len(lines) < 4:  # wait for a few trials
+        lines.append(process.stderr.readline())
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 130
+    data = json.loads(stdout)
+    assert data["interrupted"] is True and data["max_batch"] >= 4 and len(data["trials"]) >= 4
+
+
+def test_help_explains_every_option() -> None:
+    run = bsplan("probe", "--help")
+    for option in ("--device", "--memory-limit", "--precision", "--mode", "--steps", "--min-batch", "--max-batch",
+                   "--multiple-of", "--headroom", "--json", "--output"):
+        assert option in run.stdout

@@ -1,0 +1,105 @@
+"""CudaDevice driven by a fake `torch.cuda`: reading peak and total memory, resetting counters,
+emptying the cache and refusing past a limit, with no GPU. The fake's counters are a real
+TensorBytesLimit, so trials on the CPU measure what CUDA's allocator would count."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bsplan import probe as probe_module
+from bsplan.cpumem import TensorBytesLimit
+from bsplan.devices import CudaDevice, open_device
+from bsplan.errors import BadInput
+from bsplan.probe import ProbeOptions, run_probe
+from conftest import EXAMPLES, MODELS
+
+GIB = 2**30
+
+
+class FakeCuda:
+    """The slice of torch.cuda that CudaDevice uses, backed by a byte counter."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.counter = TensorBytesLimit(total)
+        self.calls: list[str] = []
+
+    def get_device_properties(self, index: int) -> SimpleNamespace:
+        return SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=self.total)
+
+    def set_per_process_memory_fraction(self, fraction: float, index: int) -> None:
+        self.counter.limit_bytes = int(fraction * self.total)
+
+    def reset_peak_memory_stats(self, index: int) -> None:
+        self.calls.append("reset")
+        self.counter.reset_peak()
+
+    def max_memory_allocated(self, index: int) -> int:
+        return self.counter.peak_bytes
+
+    def memory_allocated(self, index: int) -> int:
+        return self.counter.current_bytes
+
+    def empty_cache(self) -> None:
+        self.calls.append("empty_cache")
+
+    def synchronize(self, index: int) -> None:
+        self.calls.append("synchronize")
+
+
+def test_cuda_device_reads_name_total_and_counters() -> None:
+    cuda = FakeCuda(80 * GIB)
+    device = CudaDevice(0, None, cuda)
+    assert device.info.name == "cuda:0 (NVIDIA H100 80GB HBM3)"
+    assert (device.info.total_bytes, device.info.limit_source, device.info.exact) == (80 * GIB, "device", True)
+    with cuda.counter:
+        kept = torch.zeros(1024)
+        device.reset_peak()
+        torch.zeros(2048)
+        assert device.current_bytes() == kept.nbytes
+        assert device.peak_bytes() == kept.nbytes + 8192
+    device.release()
+    assert cuda.calls[-2:] == ["synchronize", "empty_cache"]
+
+
+def test_cuda_memory_limit_sets_the_allocator_fraction() -> None:
+    cuda = FakeCuda(80 * GIB)
+    device = CudaDevice(0, 8 * GIB, cuda)
+    assert (device.info.total_bytes, device.info.limit_source) == (8 * GIB, "--memory-limit")
+    assert cuda.counter.limit_bytes == 8 * GIB
+
+
+def _probe_on_fake_cuda(monkeypatch: pytest.MonkeyPatch, model: str, total: int, options: ProbeOptions):
+    cuda = FakeCuda(total)
+    device = CudaDevice(0, options.memory_limit, cuda)
+    device.torch_device = torch.device("cpu")  # tensors live on the CPU; the counters are CUDA's
+    monkeypatch.setattr(probe_module, "open_device", lambda spec, limit: device)
+    progress = SimpleNamespace(started=lambda batch: None, finished=lambda trial: None, note=lambda text: None)
+    with cuda.counter:
+        return run_probe(model, options, progress), cuda
+
+
+def test_probe_on_a_cuda_device_uses_the_allocator_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+    result, cuda = _probe_on_fake_cuda(monkeypatch, EXAMPLES / "cnn.py", 64 * 2**20, ProbeOptions())
+    assert result.device.type == "cuda" and result.max_batch == 24 and result.first_oom_batch == 25
+    assert cuda.calls.count("reset") == len(result.trials)
+    assert cuda.calls.count("empty_cache") >= len(result.trials)
+
+
+def test_a_cuda_out_of_memory_message_fails_the_trial_not_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_OOM_BATCH", "21")
+    result, _ = _probe_on_fake_cuda(monkeypatch, MODELS / "fake_oom.py", 80 * GIB, ProbeOptions(max_batch=1000))
+    assert (result.max_batch, result.first_oom_batch) == (20, 21)
+    assert "CUDA out of memory" in next(t.error for t in result.trials if not t.fits)
+
+
+def test_open_device_refuses_unknown_and_missing_devices() -> None:
+    with pytest.raises(BadInput, match="unknown device"):
+        open_device("tpu", None)
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInput, match="CUDA is not available"):
+            open_device("cuda:0", None)
+    assert open_device("cpu", 2**20).info.total_bytes == 2**20

@@ -1,0 +1,100 @@
+"""Each export parsed back the way its tool reads it, and checked against the plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+
+import pytest
+
+from bsplan.export import export_plan
+from bsplan.plan import Plan, PlanOptions, make_plan
+
+# TrainingArguments fields the HF export may set (transformers' training_args.py).
+HF_FIELDS = {"per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "warmup_steps"}
+
+
+def _plan(**options: object) -> Plan:
+    values: dict[str, object] = dict(
+        global_batch=8192, gpus_per_node=8, nodes=4, max_micro=64, base_lr=0.1, base_batch=256, optimizer="sgd",
+        dataset_size=1_281_167, epochs=90,
+    )
+    return make_plan(PlanOptions(**{**values, **options}))  # type: ignore[arg-type]
+
+
+def _read_yaml_mapping(text: str) -> dict[str, dict[str, int]]:
+    """The YAML subset the Lightning export writes (a mapping of mappings of integers), read strictly."""
+    data: dict[str, dict[str, int]] = {}
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            key, rest = line.split(":")
+            assert rest == "", line
+            data[key] = {}
+        else:
+            assert line.startswith("  ") and not line.startswith("   "), line
+            name, value = line.strip().split(": ")
+            data[list(data)[-1]][name] = int(value)
+    return data
+
+
+def test_deepspeed_reads_the_three_batch_numbers_the_optimizer_and_a_linear_warmup() -> None:
+    plan = _plan()
+    config = json.loads(export_plan(plan, "deepspeed").text)
+    assert config["train_batch_size"] == 8192
+    assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * plan.world_size == 8192
+    assert config["optimizer"] == {"type": "SGD", "params": {"lr": 3.2}}
+    assert config["scheduler"] == {"type": "WarmupLR", "params": {
+        "warmup_min_lr": 0.1, "warmup_max_lr": 3.2, "warmup_num_steps": 785, "warmup_type": "linear",
+    }}
+
+
+@pytest.mark.parametrize(("optimizer", "section"), [
+    ("adam", {"type": "Adam", "params": {"lr": 0.4, "adam_w_mode": False}}),  # DeepSpeed's Adam is AdamW otherwise
+    ("adamw", {"type": "AdamW", "params": {"lr": 0.4}}),
+    ("lamb", {"type": "Lamb", "params": {"lr": 0.4}}),
+])
+def test_deepspeed_names_its_own_adam_family_optimizers(optimizer: str, section: dict[str, object]) -> None:
+    config = json.loads(export_plan(_plan(optimizer=optimizer, global_batch=4096, base_lr=0.1, base_batch=256), "deepspeed").text)
+    assert config["optimizer"] == section  # sqrt(16) x 0.1
+
+
+def test_deepspeed_has_no_lars_so_it_is_left_to_the_user() -> None:
+    exported = export_plan(_plan(optimizer="lars"), "deepspeed")
+    assert "optimizer" not in json.loads(exported.text)
+    assert any("no lars" in note for note in exported.notes)
+
+
+def test_without_a_recipe_no_rate_is_invented() -> None:
+    plan = _plan(base_lr=None, base_batch=None)
+    config = json.loads(export_plan(plan, "deepspeed").text)
+    assert set(config) == {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+    assert "learning_rate" not in json.loads(export_plan(plan, "hf").text)
+
+
+def test_hf_reads_training_arguments() -> None:
+    arguments = json.loads(export_plan(_plan(), "hf").text)
+    assert set(arguments) <= HF_FIELDS
+    assert arguments == {"per_device_train_batch_size": 64, "gradient_accumulation_steps": 4, "learning_rate": 3.2, "warmup_steps": 785}
+
+
+def test_a_warmup_known_only_in_epochs_is_left_out_and_said() -> None:
+    exported = export_plan(_plan(dataset_size=None, epochs=None), "hf")
+    assert "warmup_steps" not in json.loads(exported.text)
+    assert any("--dataset-size" in note for note in exported.notes)
+
+
+def test_lightning_reads_accumulation_devices_and_nodes() -> None:
+    exported = export_plan(_plan(), "lightning")
+    assert _read_yaml_mapping(exported.text) == {"trainer": {"accumulate_grad_batches": 4, "devices": 8, "num_nodes": 4}}
+    assert any("batch_size=64" in note for note in exported.notes)
+
+
+def test_torchrun_reads_nnodes_and_nproc_per_node() -> None:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--nnodes", type=int, required=True)
+    parser.add_argument("--nproc_per_node", type=int, required=True)
+    exported = export_plan(_plan(), "torchrun")
+    assert vars(parser.parse_args(shlex.split(exported.text))) == {"nnodes": 4, "nproc_per_node": 8}
+    assert any("--node_rank" in note for note in exported.notes)
+

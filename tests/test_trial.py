@@ -1,0 +1,96 @@
+"""Trials: real training steps, out-of-memory handled and the memory put back, user errors kept theirs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bsplan.devices import CpuDevice
+from bsplan.errors import UserCodeError
+from bsplan.trial import TrialRunner
+from bsplan.workload import load_workload
+from conftest import EXAMPLES, MODELS
+
+
+def _runner(model_file, limit: int, **options) -> tuple[TrialRunner, CpuDevice]:
+    workload = load_workload(model_file)
+    device = CpuDevice(limit)
+    device.tracking().__enter__()
+    model = workload.build_model()
+    settings = {"steps": 3, "precision": "fp32", "mode": "train", **options}
+    return TrialRunner(workload, model, device, **settings), device
+
+
+def test_memory_after_an_out_of_memory_is_what_it_was_before() -> None:
+    runner, device = _runner(EXAMPLES / "cnn.py", 64 * 2**20)
+    try:
+        before = device.current_bytes()
+        assert runner(16).fits
+        for batch in (200, 64, 33, 25):
+            assert not runner(batch).fits
+            assert device.current_bytes() == before
+        again = runner(16)
+        assert again.fits and again.peak_bytes == runner.trials[0].peak_bytes
+        assert runner.leaked_bytes == 0
+    finally:
+        device.tracking().__exit__(None, None, None)
+
+
+def test_optimizer_state_counts_in_the_peak() -> None:
+    runner, device = _runner(EXAMPLES / "mlp.py", 2**30)
+    try:
+        with_state = runner(8).peak_bytes
+        parameters = sum(p.numel() * 4 for p in runner.model.parameters())
+        assert runner.optimizer_state_bytes == pytest.approx(2 * parameters, rel=0.01)  # AdamW: two moments
+        # Parameters + gradients + both moments are all live after the first step.
+        assert with_state >= 4 * parameters
+    finally:
+        device.tracking().__exit__(None, None, None)
+
+
+def test_inference_mode_keeps_no_gradients_or_state() -> None:
+    runner, device = _runner(EXAMPLES / "mlp.py", 2**30, mode="infer")
+    try:
+        trial = runner(8)
+        parameters = sum(p.numel() * 4 for p in runner.model.parameters())
+        assert trial.fits and trial.peak_bytes < 2 * parameters
+        assert runner.optimizer_state_bytes is None
+    finally:
+        device.tracking().__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_precisions_run(precision: str) -> None:
+    runner, device = _runner(EXAMPLES / "cnn.py", 2**30, precision=precision)
+    try:
+        assert runner(4).fits
+    finally:
+        device.tracking().__exit__(None, None, None)
+
+
+def test_a_shape_mismatch_is_the_users_error_never_out_of_memory() -> None:
+    runner, device = _runner(MODELS / "shape_error.py", 2**30)
+    try:
+        with pytest.raises(UserCodeError, match="RuntimeError: mat1 and mat2 shapes") as raised:
+            runner(4)
+        assert "shape_error.py" in raised.value.traceback_text
+        assert "bsplan/trial.py" not in raised.value.traceback_text
+    finally:
+        device.tracking().__exit__(None, None, None)
+
+
+def test_an_ambiguous_error_is_out_of_memory_only_when_a_smaller_batch_fitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMBIGUOUS_LIMIT", "8")
+    runner, device = _runner(MODELS / "ambiguous.py", 2**30)
+    try:
+        assert runner(8).fits
+        trial = runner(9)
+        assert not trial.fits and "batch 8 fitted" in trial.oom_evidence
+    finally:
+        device.tracking().__exit__(None, None, None)
+    runner, device = _runner(MODELS / "ambiguous.py", 2**30)
+    try:
+        with pytest.raises(UserCodeError, match="no smaller batch fitted"):
+            runner(9)
+    finally:
+        device.tracking().__exit__(None, None, None)
