@@ -19,7 +19,7 @@ $(BIN)/bsplan: pyproject.toml
 install: $(BIN)/bsplan
 
 demo: install
-	$(BIN)/bsplan probe examples/mlp.py --device cpu --memory-limit 300MiB
+	$(BIN)/bsplan probe examples/cnn.py --device cpu --memory-limit 300MiB
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -208,6 +208,11 @@ def plan(
         stderr.print(f"note: {note}", markup=False)
 
 
+def _wants_json(argv: list[str]) -> bool:
+    pairs = zip(argv, argv[1:])
+    return "--json" in argv or "--format=json" in argv or any(pair == ("--format", "json") for pair in pairs)
+
+
 def main() -> None:
     """Console entry point: typer's own usage errors also become one sentence (JSON with --json)."""
     try:
@@ -215,7 +220,7 @@ def main() -> None:
     except typer.Abort:
         code = 130
     except typer.TyperException as error:
-        if "--json" in sys.argv:
+        if _wants_json(sys.argv[1:]):
             print(json.dumps({"error": error.format_message(), "kind": "BadInput"}, indent=2))
         else:
             error.show()  # type: ignore[attr-defined]
