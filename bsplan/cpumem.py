@@ -58,9 +58,11 @@ class TensorBytesLimit(TorchDispatchMode):
         self._live[key] = (known[0] if known else weakref.ref(storage, lambda _, key=key: self._forget(key)), size)
         self.current_bytes += grown
         if self.current_bytes > self.limit_bytes:
+            # Worded as PyTorch's CPU allocator words it, so that code which recognises a real CPU
+            # out-of-memory by its message (Lightning's is_oom_error, say) recognises this one too.
             raise torch.OutOfMemoryError(
-                f"CPU out of memory under bsplan's limit: tried to allocate {format_bytes(grown)}; "
-                f"{format_bytes(self.current_bytes - grown)} of {format_bytes(self.limit_bytes)} already in use"
+                f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {grown} bytes "
+                f"(bsplan's limit: {format_bytes(self.current_bytes - grown)} of {format_bytes(self.limit_bytes)} already in use)"
             )
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
 

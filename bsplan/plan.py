@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bsplan.errors import BadInput
-from bsplan.result import LAST_PROBE
+from bsplan.result import LAST_PROBE, SAME_THROUGHPUT
 from bsplan.saved import SavedProbe, load_probe
 from bsplan.scaling import (
     ADAM_FAMILY, GOYAL, LAMB, LARS, MA_YARATS, OPTIMIZERS, SCALINGS, WU_HE,
@@ -24,9 +24,6 @@ from bsplan.scaling import (
 
 PLAN_SCHEMA = "bsplan.plan/1"
 MAX_ALTERNATIVES = 4
-# Predicted step times within 5% of the fastest count as a tie, which goes to fewer accumulation
-# steps: a probe times a few steps per batch, and differences that small are within its noise.
-SAME_SPEED = 1.05
 # Wu & He 2018, Figure 1: BatchNorm's error rises as the batch per device shrinks below 32.
 BATCHNORM_MIN_MICRO = 32
 # Goyal et al. 2017: linear scaling with warmup matched small-batch accuracy on ImageNet up to 8k.
@@ -227,7 +224,7 @@ def decompose(
     if not seconds:
         return Decomposition(splits[0], tuple(splits[1 : MAX_ALTERNATIVES + 1]), "fewest accumulation steps")
     fastest = min(seconds.values())
-    choice = next(split for split in splits if seconds.get(split.micro_batch, math.inf) <= fastest * SAME_SPEED)
+    choice = next(split for split in splits if seconds.get(split.micro_batch, math.inf) <= fastest * SAME_THROUGHPUT)
     rest = sorted(  # timed ones fastest first, then the untimed (below the probed batches) by accumulation
         (s for s in splits if s is not choice), key=lambda s: (seconds.get(s.micro_batch, math.inf), s.accumulation_steps)
     )

@@ -11,7 +11,7 @@ import torch
 
 from bsplan.devices import Device, open_device
 from bsplan.errors import BadInput
-from bsplan.result import Breakdown, ModelInfo, ProbeResult, Trial
+from bsplan.result import SAME_THROUGHPUT, Breakdown, ModelInfo, ProbeResult, Trial
 from bsplan.search import SearchOutcome, find_max_batch
 from bsplan.trial import TrialRunner
 from bsplan.units import format_bytes, parse_size
@@ -74,15 +74,15 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> Pr
         model.train(options.mode == "train")
         runner = TrialRunner(workload, model, device, steps=options.steps, precision=options.precision, mode=options.mode)
 
-        def fits(batch: int) -> bool:
+        def run(batch: int) -> Trial:
             progress.started(batch)
             trial = runner(batch)
             progress.finished(trial)
-            return trial.fits
+            return trial
 
         interrupted = False
         try:
-            outcome = _search(fits, options, device)
+            outcome = _search(run, options, device)
         except KeyboardInterrupt:
             interrupted = True
             progress.note("interrupted: reporting the trials measured so far")
@@ -91,15 +91,16 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> Pr
     return _result(workload.name, model, device, options, runner, outcome, breakdown, interrupted)
 
 
-def _search(fits: Callable[[int], bool], options: ProbeOptions, device: Device) -> SearchOutcome:
+def _search(run: Callable[[int], Trial], options: ProbeOptions, device: Device) -> SearchOutcome:
     """The search; under a limit from outside the process the largest fit is checked again, and
     the search goes on below it while the re-check fails (the edge is a band)."""
-    outcome = find_max_batch(fits, options.min_batch, options.max_batch, options.multiple_of)
-    while not device.info.exact and outcome.max_fit is not None and not fits(outcome.max_fit):
+    limit = device.info.total_bytes
+    outcome = find_max_batch(run, options.min_batch, options.max_batch, options.multiple_of, limit)
+    while not device.info.exact and outcome.max_fit is not None and not run(outcome.max_fit).fits:
         below = outcome.max_fit - options.multiple_of
         if below < options.min_batch:
             return SearchOutcome(None, outcome.max_fit, capped=False)
-        outcome = find_max_batch(fits, options.min_batch, below, options.multiple_of)
+        outcome = find_max_batch(run, options.min_batch, below, options.multiple_of, limit)
     return outcome
 
 
@@ -193,10 +194,22 @@ def _result(
         peak_bytes=peak,
         breakdown=breakdown,
         trials=trials,
+        **_throughput(trials),
         capped_at=options.max_batch if outcome.capped else None,
         interrupted=interrupted,
         notes=notes,
     )
+
+
+def _throughput(trials: list[Trial]) -> dict[str, int | None]:
+    """The fastest batch measured, and the smallest within SAME_THROUGHPUT of it: a bigger batch is
+    not always faster, and a smaller one leaves memory free."""
+    rates = {t.batch: t.samples_per_second for t in trials if t.fits and t.samples_per_second is not None}
+    if not rates:
+        return {"best_throughput_batch": None, "efficient_batch": None}
+    best = max(rates, key=lambda batch: rates[batch])
+    efficient = min(batch for batch, rate in rates.items() if rate >= rates[best] / SAME_THROUGHPUT)
+    return {"best_throughput_batch": best, "efficient_batch": efficient}
 
 
 def _no_fit_message(first_fail: int | None, breakdown: Breakdown, total: int) -> str:

@@ -69,6 +69,10 @@ def show_probe(console: Console, result: ProbeResult) -> None:
         "-" if result.recommended_batch is None else str(result.recommended_batch),
     )
     summary.add_row("peak at max batch", format_bytes(result.peak_bytes))
+    if result.best_throughput_batch is not None:
+        summary.add_row(
+            "best throughput", f"batch {result.best_throughput_batch}; within 5% from batch {result.efficient_batch}"
+        )
     memory = result.breakdown
     summary.add_row("parameters", format_bytes(memory.parameter_bytes))
     summary.add_row("gradients", format_bytes(memory.gradient_bytes))

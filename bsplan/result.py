@@ -14,6 +14,9 @@ from typing import Any
 PROBE_SCHEMA = "bsplan.probe/1"
 # Where `bsplan probe` saves its result for `bsplan plan` (relative to the working directory).
 LAST_PROBE = Path(".bsplan") / "last-probe.json"
+# Throughputs within 5% count as the same (a probe times only a few steps per batch): the probe's
+# efficient_batch and the plan's choice of micro-batch both use it.
+SAME_THROUGHPUT = 1.05
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class Trial:
     samples_per_second: float | None  # timed after the warm-up step; None when it did not fit
     error: str | None = None  # the out-of-memory message, first line, when it did not fit
     oom_evidence: str | None = None  # why an ambiguous error was taken for out-of-memory
+    step_peak_bytes: int | None = None  # peak of the last step's forward and backward alone (for the search)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class ProbeResult:
     peak_bytes: int | None
     breakdown: Breakdown
     trials: list[Trial] = field(default_factory=list)
+    best_throughput_batch: int | None = None  # the fitting trial with the most samples per second
+    efficient_batch: int | None = None  # the smallest fitting trial within 5% of that throughput
     capped_at: int | None = None  # the --max-batch cap when every batch up to it fitted
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)

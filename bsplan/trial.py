@@ -43,8 +43,9 @@ class TrialRunner:
         self.device.reset_peak()
         start = time.perf_counter()
         try:
-            rate = self._run_steps(batch)
-            trial = Trial(batch, True, self.device.peak_bytes(), time.perf_counter() - start, rate)
+            rate, step_peak, earlier_peak = self._run_steps(batch)
+            peak = max(earlier_peak, self.device.peak_bytes())
+            trial = Trial(batch, True, peak, time.perf_counter() - start, rate, step_peak_bytes=step_peak)
         except BsplanError:
             raise
         except Exception as error:  # noqa: BLE001 - classified right here
@@ -71,10 +72,13 @@ class TrialRunner:
             evidence = f"{_first_line(error)!r} taken as out-of-memory: batch {max(smaller)} fitted"
         elif failure is Failure.OTHER:
             raise user_error(f"a training step of {self.workload.name} at batch {batch}", error) from None
-        return Trial(batch, False, None, seconds, None, _first_line(error), evidence)
+        return Trial(batch, False, None, seconds, None, error=_first_line(error), oom_evidence=evidence)
 
-    def _run_steps(self, batch_size: int) -> float:
-        """Run the steps; return samples per second over the steps after the first (the warm-up)."""
+    def _run_steps(self, batch_size: int) -> tuple[float, int, int]:
+        """Run the steps. Returns samples per second over the steps after the first (the warm-up),
+        the peak of the last step's forward and backward alone (the optimizer step's own peak does
+        not grow with the batch, so leaving it out keeps this affine in the batch, for the search),
+        and the peak of the steps before the last."""
         device, model = self.device, self.model
         autocast = (
             torch.autocast(device.torch_device.type, dtype=_AUTOCAST[self.precision])
@@ -84,22 +88,27 @@ class TrialRunner:
         optimizer = self.workload.optimizer(model.parameters()) if self.train else None
         scaler = torch.amp.GradScaler(device.torch_device.type) if self.train and self.precision == "fp16" else None
         timed_from = 0.0
+        earlier_peak = step_peak = 0
         for step in range(self.steps):
             if step == 1:
                 device.synchronize()
                 timed_from = time.perf_counter()
+            if step == self.steps - 1:
+                earlier_peak = device.peak_bytes()
+                device.reset_peak()
             batch = self.workload.make_batch(batch_size, device.torch_device)
             if optimizer is None:
                 with torch.inference_mode(), autocast:
                     self.workload.loss(model, batch)
+                step_peak = device.peak_bytes()
                 continue
             with autocast:
                 loss = self.workload.loss(model, batch)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            step_peak = device.peak_bytes()
             if scaler is None:
-                loss.backward()
                 optimizer.step()
             else:
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             if self.optimizer_state_bytes is None:
@@ -107,7 +116,8 @@ class TrialRunner:
             optimizer.zero_grad(set_to_none=True)
             del batch, loss
         device.synchronize()
-        return batch_size * (self.steps - 1) / max(time.perf_counter() - timed_from, 1e-9)
+        rate = batch_size * (self.steps - 1) / max(time.perf_counter() - timed_from, 1e-9)
+        return rate, step_peak, earlier_peak
 
     def _release(self) -> None:
         for parameter in self.model.parameters():

@@ -17,8 +17,9 @@ from conftest import EXAMPLES, MODELS, bsplan
 PROBE_FIELDS = {
     "schema", "model", "device", "mode", "precision", "steps", "multiple_of", "headroom", "max_batch",
     "first_oom_batch", "recommended_batch", "peak_bytes", "breakdown", "trials", "capped_at", "interrupted", "notes",
+    "best_throughput_batch", "efficient_batch",
 }
-TRIAL_FIELDS = {"batch", "fits", "peak_bytes", "seconds", "samples_per_second", "error", "oom_evidence"}
+TRIAL_FIELDS = {"batch", "fits", "peak_bytes", "seconds", "samples_per_second", "error", "oom_evidence", "step_peak_bytes"}
 
 
 def test_json_result_has_the_documented_fields_and_saves_for_plan(workdir: Path) -> None:
@@ -43,6 +44,10 @@ def test_json_result_has_the_documented_fields_and_saves_for_plan(workdir: Path)
     assert data["peak_bytes"] == peak <= 64 * 2**20
     assert "trials" not in run.stdout.split("{", 1)[0]  # progress went to stderr, stdout is only JSON
     assert "batch      24  fits" in run.stderr
+    fitting = {t["batch"]: t["samples_per_second"] for t in data["trials"] if t["fits"]}
+    assert data["best_throughput_batch"] == max(fitting, key=fitting.get)
+    assert fitting[data["efficient_batch"]] >= fitting[data["best_throughput_batch"]] / 1.05
+    assert data["efficient_batch"] <= data["best_throughput_batch"]
     saved = json.loads((workdir / ".bsplan" / "last-probe.json").read_text())
     assert saved["max_batch"] == 24
 

@@ -85,7 +85,7 @@ def _probe_on_fake_cuda(monkeypatch: pytest.MonkeyPatch, model: str, total: int,
 def test_probe_on_a_cuda_device_uses_the_allocator_counters(monkeypatch: pytest.MonkeyPatch) -> None:
     result, cuda = _probe_on_fake_cuda(monkeypatch, EXAMPLES / "cnn.py", 64 * 2**20, ProbeOptions())
     assert result.device.type == "cuda" and result.max_batch == 24 and result.first_oom_batch == 25
-    assert cuda.calls.count("reset") == len(result.trials)
+    assert cuda.calls.count("reset") >= len(result.trials)  # before each trial, and before its last step
     assert cuda.calls.count("empty_cache") >= len(result.trials)
 
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from plan_helpers import probe_data, save_probe
 
 from bsplan.errors import BadInput
-from bsplan.plan import SAME_SPEED, PlanOptions, decompose, make_plan, nearest_achievable
+from bsplan.result import SAME_THROUGHPUT
+from bsplan.plan import PlanOptions, decompose, make_plan, nearest_achievable
 
 
 def _valid(micro: int, global_batch: int, world: int, limit: int | None, multiple_of: int) -> bool:
@@ -75,7 +76,7 @@ def test_with_timings_the_choice_is_within_the_tie_margin_of_the_fastest(
     timed = [s.seconds_per_step for s in splits if s.seconds_per_step is not None]
     if timed:  # else every micro-batch lies below the probed ones, and the fewest accumulation steps win
         assert result.choice.seconds_per_step is not None
-        assert result.choice.seconds_per_step <= min(timed) * SAME_SPEED
+        assert result.choice.seconds_per_step <= min(timed) * SAME_THROUGHPUT
 
 
 def test_the_issue_example_splits_1024_over_4_gpus_as_32_x_8() -> None:

@@ -1,30 +1,93 @@
-"""The search against a fake fits-function: exact boundaries without any model."""
+"""The search against fake trials: exact boundaries, in few trials where memory is affine, and
+exact still where it is not."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bsplan.result import Trial
 from bsplan.search import find_max_batch
 
+MIB = 2**20
 
-class Boundary:
-    """Fits up to `largest` (None: nothing fits); counts the trials."""
 
-    def __init__(self, largest: int | None) -> None:
+class FakeDevice:
+    """A device whose step peak is `memory(batch)` bytes, failing past `limit` (or past `largest`)."""
+
+    def __init__(self, memory: Callable[[int], float], limit: int, largest: int | None = None) -> None:
+        self.memory = memory
+        self.limit = limit
         self.largest = largest
         self.tried: list[int] = []
 
-    def __call__(self, batch: int) -> bool:
+    def __call__(self, batch: int) -> Trial:
         self.tried.append(batch)
-        return self.largest is not None and batch <= self.largest
+        peak = int(self.memory(batch))
+        fits = peak <= self.limit if self.largest is None else batch <= self.largest
+        return Trial(batch, fits, peak if fits else None, 0.1, 1.0 if fits else None, step_peak_bytes=peak if fits else None)
 
 
-@given(largest=st.integers(1, 5000), min_batch=st.integers(1, 64), multiple_of=st.sampled_from([1, 2, 8, 32]))
-def test_finds_the_exact_boundary_at_the_granularity(largest: int, min_batch: int, multiple_of: int) -> None:
-    fits = Boundary(largest)
-    outcome = find_max_batch(fits, min_batch, 100_000, multiple_of)
+def affine(static: float, per_sample: float) -> Callable[[int], float]:
+    return lambda batch: static + per_sample * batch
+
+
+def truth(memory: Callable[[int], float], limit: int) -> int:
+    batch = 0
+    while memory(batch + 1) <= limit:
+        batch += 1
+    return batch
+
+
+@pytest.mark.parametrize(
+    ("static", "per_sample"), [(30 * MIB, 11_000), (1 * MIB, 2.7 * MIB), (120 * MIB, 15.8 * MIB), (0, 1000), (299 * MIB, 4096)]
+)
+def test_affine_memory_is_found_exactly_in_four_trials(static: float, per_sample: float) -> None:
+    memory = affine(static, per_sample)
+    device = FakeDevice(memory, 300 * MIB)
+    outcome = find_max_batch(device, 1, 2**20, 1, 300 * MIB)
+    expected = truth(memory, 300 * MIB)
+    assert (outcome.max_fit, outcome.first_fail) == (expected, expected + 1)
+    assert len(device.tried) <= 4, device.tried
+
+
+def test_convex_memory_falls_back_and_stays_exact() -> None:
+    # The peak moves from the end of backward (gradients) to its start (activations) as the batch
+    # grows: a max of two lines, so small batches underestimate the slope.
+    memory = lambda b: max(10 * MIB + 5_000 * b, 3 * MIB + 11_000 * b)  # noqa: E731
+    device = FakeDevice(memory, 300 * MIB)
+    outcome = find_max_batch(device, 1, 65536, 1, 300 * MIB)
+    assert outcome.max_fit == truth(memory, 300 * MIB)
+    assert len(device.tried) <= 10, device.tried
+
+
+def test_a_jump_in_memory_falls_back_and_stays_exact() -> None:
+    # A kernel switch at batch 64 adds 100 MiB of workspace: the line from small batches misleads.
+    memory = lambda b: 20 * MIB + 1 * MIB * b + (100 * MIB if b >= 64 else 0)  # noqa: E731
+    device = FakeDevice(memory, 300 * MIB)
+    outcome = find_max_batch(device, 1, 65536, 1, 300 * MIB)
+    assert outcome.max_fit == truth(memory, 300 * MIB) == 180
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    largest=st.integers(0, 50_000),
+    min_batch=st.integers(1, 64),
+    multiple_of=st.sampled_from([1, 2, 8, 32]),
+    static=st.integers(0, 200 * MIB),
+    per_sample=st.integers(-1000, 50_000),
+    noise=st.integers(0, 5 * MIB),
+)
+def test_exact_for_any_monotone_boundary_even_with_misleading_peaks(
+    largest: int, min_batch: int, multiple_of: int, static: int, per_sample: int, noise: int
+) -> None:
+    """Whatever the peaks say (wrong slope, noise), the answer is the true boundary."""
+    memory = lambda b: static + per_sample * b + (noise if b % 3 == 0 else 0)  # noqa: E731
+    device = FakeDevice(memory, 300 * MIB, largest=largest)
+    outcome = find_max_batch(device, min_batch, 100_000, multiple_of, 300 * MIB)
     expected = largest // multiple_of * multiple_of
     lowest = -(-min_batch // multiple_of) * multiple_of
     if expected < lowest:
@@ -32,50 +95,51 @@ def test_finds_the_exact_boundary_at_the_granularity(largest: int, min_batch: in
     else:
         assert outcome.max_fit == expected
         assert outcome.first_fail == expected + multiple_of
-    assert all(batch % multiple_of == 0 and batch >= min_batch for batch in fits.tried)
-    assert len(set(fits.tried)) == len(fits.tried), "no batch is tried twice"
+    assert all(batch % multiple_of == 0 and batch >= min_batch for batch in device.tried)
+    assert len(set(device.tried)) == len(device.tried), "no batch is tried twice"
+    assert len(device.tried) <= 2 * 17 + 3  # never much worse than doubling and bisecting
 
 
-def test_boundary_of_one_sample() -> None:
-    fits = Boundary(300)
-    outcome = find_max_batch(fits, 1, 65536)
+def test_without_a_limit_it_doubles_and_bisects() -> None:
+    device = FakeDevice(affine(0, 1), 0, largest=300)
+    outcome = find_max_batch(device, 1, 65536)
     assert (outcome.max_fit, outcome.first_fail, outcome.capped) == (300, 301, False)
-    assert fits.tried[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert device.tried[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
 
 def test_fails_at_one() -> None:
-    fits = Boundary(None)
-    outcome = find_max_batch(fits, 1, 65536)
+    device = FakeDevice(affine(0, 1), 300 * MIB, largest=0)
+    outcome = find_max_batch(device, 1, 65536, 1, 300 * MIB)
     assert (outcome.max_fit, outcome.first_fail) == (None, 1)
-    assert fits.tried == [1]
+    assert device.tried == [1]
 
 
 def test_never_fails_stops_at_the_cap() -> None:
-    fits = Boundary(10**9)
-    outcome = find_max_batch(fits, 1, 1000)
+    device = FakeDevice(affine(0, 1), 300 * MIB)
+    outcome = find_max_batch(device, 1, 1000, 1, 300 * MIB)
     assert (outcome.max_fit, outcome.first_fail, outcome.capped) == (1000, None, True)
-    assert fits.tried[-1] == 1000 and fits.tried.count(1000) == 1
+    assert device.tried.count(1000) == 1 and len(device.tried) <= 3
 
 
 def test_cap_on_a_multiple_rounds_down() -> None:
-    outcome = find_max_batch(Boundary(10**9), 1, 1000, multiple_of=64)
+    outcome = find_max_batch(FakeDevice(affine(0, 1), 300 * MIB), 1, 1000, 64, 300 * MIB)
     assert outcome.max_fit == 960 and outcome.capped
 
 
 def test_equal_min_and_max_checks_exactly_that_batch() -> None:
-    fits = Boundary(40)
-    assert find_max_batch(fits, 37, 37).max_fit == 37
-    assert fits.tried == [37]
-    fits = Boundary(36)
-    outcome = find_max_batch(fits, 37, 37)
+    device = FakeDevice(affine(0, 1), 300 * MIB, largest=40)
+    assert find_max_batch(device, 37, 37, 1, 300 * MIB).max_fit == 37
+    assert device.tried == [37]
+    device = FakeDevice(affine(0, 1), 300 * MIB, largest=36)
+    outcome = find_max_batch(device, 37, 37, 1, 300 * MIB)
     assert (outcome.max_fit, outcome.first_fail) == (None, 37)
 
 
 def test_boundary_just_below_the_cap() -> None:
-    outcome = find_max_batch(Boundary(999), 1, 1000)
+    outcome = find_max_batch(FakeDevice(affine(0, 1), 300 * MIB, largest=999), 1, 1000, 1, 300 * MIB)
     assert (outcome.max_fit, outcome.first_fail) == (999, 1000)
 
 
 def test_no_multiple_in_range_is_refused() -> None:
     with pytest.raises(ValueError):
-        find_max_batch(Boundary(5), 9, 15, multiple_of=16)
+        find_max_batch(FakeDevice(affine(0, 1), 1, largest=5), 9, 15, 16)
