@@ -14,7 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bsplan.result import Trial
 from bsplan.search import find_max_batch
+from bsplan.units import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,15 +35,17 @@ def in_process(model: Path, limit: str) -> tuple[int | None, int, float]:
 
 
 def fresh_process_per_trial(model: Path, limit: str) -> tuple[int | None, int, float]:
+    """The same search, each trial a `bsplan probe --min-batch B --max-batch B` of its own."""
     trials = 0
 
-    def fits(batch: int) -> bool:
+    def run(batch: int) -> Trial:
         nonlocal trials
         trials += 1
-        return _probe(model, limit, "--min-batch", str(batch), "--max-batch", str(batch))["max_batch"] == batch
+        result = _probe(model, limit, "--min-batch", str(batch), "--max-batch", str(batch))
+        return Trial(**result["trials"][0])
 
     start = time.perf_counter()
-    outcome = find_max_batch(fits, 1, 65536)
+    outcome = find_max_batch(run, 1, 65536, 1, parse_size(limit))
     return outcome.max_fit, trials, time.perf_counter() - start
 
 

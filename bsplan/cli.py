@@ -7,6 +7,7 @@ model, so `bsplan --help` and `bsplan plan` start fast.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from enum import Enum
@@ -43,6 +44,11 @@ class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+class Search(str, Enum):
+    predict = "predict"
+    bisect = "bisect"
 
 
 class Mode(str, Enum):
@@ -94,6 +100,9 @@ def probe(
     max_batch: Optional[int] = typer.Option(None, help="Largest batch to try (default 65536). Equal to --min-batch: check exactly that batch."),
     multiple_of: int = typer.Option(1, help="Search only batches that are multiples of N (1: exact to one sample)."),
     headroom: float = typer.Option(0.1, help="Fraction of device memory kept free in recommended_batch."),
+    search: Search = typer.Option(
+        Search.predict, help="predict: jump to where the trials' memory line meets the limit (few trials). bisect: double, then bisect."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
     output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
     save: bool = typer.Option(True, help=f"Save the result to {LAST_PROBE} for `bsplan plan` to use."),
@@ -106,7 +115,7 @@ def probe(
 
         options = ProbeOptions.checked(
             device=device, memory_limit=memory_limit, precision=precision.value, mode=mode.value, steps=steps,
-            min_batch=min_batch, max_batch=max_batch, multiple_of=multiple_of, headroom=headroom,
+            min_batch=min_batch, max_batch=max_batch, multiple_of=multiple_of, headroom=headroom, search=search.value,
         )
         result = run_probe(model_file, options, ProbeProgress(stderr))
     except BsplanError as error:
@@ -174,6 +183,7 @@ def plan(
     dataset_size: Optional[int] = typer.Option(None, help="Samples per epoch: steps per epoch and warmup in steps."),
     epochs: Optional[float] = typer.Option(None, help="Epochs to train: total optimizer steps."),
     batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm", help="Whether the model has BatchNorm (default: as the probe found)."),
+    gpu: Optional[str] = typer.Option(None, help="Estimate the limit for this catalogue GPU (bsplan gpus --catalog) from the probe's memory per sample."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as one JSON document (same as --format json)."),
     output_format: PlanFormat = typer.Option(
         PlanFormat.table, "--format", help="table, json, or what one tool reads: deepspeed, hf, lightning, torchrun."
@@ -192,7 +202,7 @@ def plan(
             global_batch=target, gpus_per_node=gpus, nodes=nodes, max_micro=max_micro, probe_file=from_file,
             use=use.value, multiple_of=multiple_of, base_lr=base_lr, base_batch=base_batch, scaling=scaling.value,
             optimizer=optimizer.value, beta2=beta2, warmup_steps=warmup_steps, warmup_epochs=warmup_epochs,
-            warmup_ratio=warmup_ratio, dataset_size=dataset_size, epochs=epochs, batchnorm=batchnorm,
+            warmup_ratio=warmup_ratio, dataset_size=dataset_size, epochs=epochs, batchnorm=batchnorm, gpu=gpu,
         )
         result = make_plan(options)
     except BsplanError as error:
@@ -206,6 +216,64 @@ def plan(
         stderr.print(warning_text(warning), markup=False)
     for note in exported.notes:
         stderr.print(f"note: {note}", markup=False)
+
+
+@app.command()
+def gpus(
+    catalog: bool = typer.Option(False, "--catalog", help="Print the catalogue of GPU models that --gpu accepts instead."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list (empty when there is no GPU) instead of a table."),
+) -> None:
+    """List the visible NVIDIA GPUs through NVML: memory used and free, processes, CUDA indices."""
+    from bsplan.gpus import CATALOG
+    from bsplan.nvml import query
+    from bsplan.render import show_catalog, show_gpus
+
+    if catalog and json_out:
+        print(json.dumps([gpu.to_dict() for gpu in CATALOG], indent=2))
+        return
+    if catalog:
+        show_catalog(stdout)
+        return
+    report = query(os.environ)
+    if json_out:
+        print(json.dumps([gpu.to_dict() for gpu in report.gpus], indent=2))
+    if report.unavailable is not None:
+        (stderr if json_out else stdout).print(f"no GPU to list: {report.unavailable}", markup=False, soft_wrap=True)
+    elif not json_out:
+        show_gpus(stdout, report)
+
+
+@app.command()
+def estimate(
+    model_file: Path = typer.Argument(..., help="Python file defining build_model() and make_batch(batch_size) (docs/model-file.md)."),
+    gpu: Optional[str] = typer.Option(None, help="A GPU of the catalogue (bsplan gpus --catalog), loosely: h100, H100-80GB, a100-40gb, 4090."),
+    memory: Optional[str] = typer.Option(
+        None, help="Memory to plan for, e.g. 300MiB or 20GiB. Alone: counted like probe --memory-limit. With --gpu: that GPU with this much free."
+    ),
+    precision: Precision = typer.Option(Precision.fp32, help="fp32, or autocast to bf16 / fp16 (measured under CPU autocast)."),
+    mode: Mode = typer.Option(Mode.train, help="train: forward, backward and optimizer step. infer: forward under inference_mode."),
+    headroom: float = typer.Option(0.1, help="Fraction of the memory kept free in recommended_batch."),
+    cuda_context: Optional[str] = typer.Option(None, help="Memory the driver and CUDA context take on the --gpu (default 1GiB)."),
+    max_batch: Optional[int] = typer.Option(None, help="Largest batch to predict (default 65536, as probe)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
+    output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file (bsplan plan --from reads it)."),
+) -> None:
+    """Predict the largest batch for a GPU you do not have (or any memory budget) from CPU training steps."""
+    from bsplan.render import ProbeProgress, show_estimate
+
+    try:
+        from bsplan.estimate import EstimateOptions, run_estimate
+
+        options = EstimateOptions.checked(
+            gpu=gpu, memory=memory, cuda_context=cuda_context, max_batch=max_batch, precision=precision.value,
+            mode=mode.value, headroom=headroom,
+        )
+        result = run_estimate(model_file, options, ProbeProgress(stderr))
+    except BsplanError as error:
+        _fail(error, json_out)
+    _emit(result.to_dict(), lambda console: show_estimate(console, result), json_out, output)
+    if result.max_batch is None:
+        raise typer.Exit(EXIT_NO_FIT)
 
 
 def _wants_json(argv: list[str]) -> bool:

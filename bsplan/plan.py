@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bsplan.errors import BadInput
+from bsplan.gpus import find_gpu
+from bsplan.memory import cuda_overheads, predict
 from bsplan.result import LAST_PROBE, SAME_THROUGHPUT
 from bsplan.saved import SavedProbe, load_probe
 from bsplan.scaling import (
     ADAM_FAMILY, GOYAL, LAMB, LARS, MA_YARATS, OPTIMIZERS, SCALINGS, WU_HE,
     LearningRate, Schedule, Warmup, adam_warmup_steps, choose_warmup, scale_learning_rate,
 )
+from bsplan.units import format_bytes
 
 PLAN_SCHEMA = "bsplan.plan/1"
 MAX_ALTERNATIVES = 4
@@ -52,6 +55,7 @@ class PlanOptions:
     dataset_size: int | None = None
     epochs: float | None = None
     batchnorm: bool | None = None  # None: as the probe found, else False
+    gpu: str | None = None  # a catalogue GPU: the limit is estimated for it from the probe's memory line
 
     def __post_init__(self) -> None:
         """Each bad option refused with one sentence, before anything is computed."""
@@ -74,6 +78,8 @@ class PlanOptions:
         self._check_warmup()
         if self.epochs is not None and self.dataset_size is None:
             raise BadInput("--epochs needs --dataset-size to count the optimizer steps")
+        if self.gpu is not None and self.max_micro is not None:
+            raise BadInput("--gpu estimates the limit from a probe and --max-micro gives it: give one of them")
 
     def _check_warmup(self) -> None:
         given = [v for v in (self.warmup_steps, self.warmup_epochs, self.warmup_ratio) if v is not None]
@@ -116,10 +122,11 @@ class Limit:
     micro_batch: int | None  # None: no limit was known, so the plan has no memory bound
     source: str | None  # "--max-micro", or the probe's "recommended_batch" or "max_batch"
     probe: SavedProbe | None  # the probe read (--from, or the last one saved here): timings and BatchNorm
+    gpu: str | None = None  # the catalogue GPU the limit was estimated for (--gpu), from the probe's memory line
 
     def to_dict(self) -> dict[str, Any]:
         probe = None if self.probe is None else self.probe.to_dict()
-        return {"micro_batch": self.micro_batch, "source": self.source, "probe": probe}
+        return {"micro_batch": self.micro_batch, "source": self.source, "probe": probe, "gpu": self.gpu}
 
 
 @dataclass(frozen=True)
@@ -286,14 +293,19 @@ def _timed_split(micro: int, accumulation: int, points: list[tuple[int, float]])
 
 def resolve_limit(options: PlanOptions, cwd: Path = Path(".")) -> tuple[Limit, list[str]]:
     """--max-micro wins; else the probe named by --from; else the last probe saved in cwd; else none.
-    A saved probe is read implicitly only when no limit was given, so a stale one cannot override it."""
+    A saved probe is read implicitly only when no limit was given, so a stale one cannot override it.
+    With --gpu the probe's limit is replaced by one estimated for that GPU from its memory line."""
     probe = None if options.probe_file is None else load_probe(options.probe_file)
     if probe is None and options.max_micro is None and (cwd / LAST_PROBE).is_file():
         probe = load_probe(cwd / LAST_PROBE)
     if options.max_micro is not None:
         return Limit(options.max_micro, "--max-micro", probe), []
+    if probe is None and options.gpu is not None:
+        raise BadInput("--gpu scales a probe's memory to that GPU: run `bsplan probe MODEL.py` here first, or pass --from FILE")
     if probe is None:
         return Limit(None, None, None), []
+    if options.gpu is not None:
+        return _gpu_limit(probe, options.gpu, options)
     if probe.max_batch is None:
         raise BadInput(f"{probe.describe()} found no batch that fits, so it gives no per-device limit: fix the probe or give --max-micro")
     notes = []
@@ -306,6 +318,29 @@ def resolve_limit(options: PlanOptions, cwd: Path = Path(".")) -> tuple[Limit, l
         notes.append("the probe has no recommended_batch, so its max_batch is the limit")
         return Limit(probe.max_batch, "max_batch", probe), notes
     return Limit(wanted, "max_batch" if options.use == "max" else "recommended_batch", probe), notes
+
+
+def _gpu_limit(probe: SavedProbe, gpu_name: str, options: PlanOptions) -> tuple[Limit, list[str]]:
+    """The limit on a catalogue GPU, from the probe's line of peak over batch plus that GPU's CUDA
+    overheads (memory.py; the same arithmetic as `bsplan estimate`)."""
+    gpu = find_gpu(gpu_name)
+    if probe.memory is None:
+        raise BadInput(f"{probe.describe()} has fewer than two fitting batches, so no memory per sample to scale to {gpu.key}")
+    overheads = cuda_overheads(gpu.compute_capability, train=probe.mode == "train", workspaces_measured=probe.device_type == "cuda")
+    share = max(1, options.global_batch // options.world_size)  # no micro-batch exceeds a device's share
+    prediction = predict(probe.memory, gpu.memory_bytes, overheads, probe.headroom, cap=share)
+    if prediction.max_batch is None:
+        raise BadInput(f"by {probe.describe()}, not even batch 1 fits on {gpu.key} ({format_bytes(gpu.memory_bytes)}): "
+                       "shard the model state or use a larger GPU")
+    line = probe.memory
+    notes = [f"the per-device limit is estimated for {gpu.key} ({format_bytes(gpu.memory_bytes)}) from {probe.describe()}: "
+             f"{format_bytes(line.base_bytes)} + {format_bytes(line.per_sample_bytes)} per sample, plus "
+             f"{format_bytes(overheads.total_bytes)} of CUDA overheads (docs/estimate.md)"]
+    if probe.device_type == "cpu" and probe.throughput:
+        notes.append("the probe's timings are the CPU's: they rank the splits, but not at a GPU's speed")
+    if options.use == "max" or prediction.recommended_batch is None:
+        return Limit(prediction.max_batch, "max_batch", probe, gpu.key), notes
+    return Limit(prediction.recommended_batch, "recommended_batch", probe, gpu.key), notes
 
 
 def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
@@ -346,7 +381,7 @@ def plan_warnings(plan: Plan, options: PlanOptions) -> list[PlanWarning]:
     warnings = _limit_warnings(plan.limit)
     probe = plan.limit.probe
     micro, world = plan.micro_batch, plan.world_size
-    if probe is not None and probe.max_batch is not None and micro > probe.max_batch:
+    if probe is not None and plan.limit.gpu is None and probe.max_batch is not None and micro > probe.max_batch:
         warnings.append(PlanWarning(
             "above-probed-max", f"lower --max-micro to at most {probe.max_batch}",
             f"micro-batch {micro} is above the largest batch that fitted in {probe.describe()} ({probe.max_batch})", None,

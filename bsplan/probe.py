@@ -11,6 +11,7 @@ import torch
 
 from bsplan.devices import Device, open_device
 from bsplan.errors import BadInput
+from bsplan.memory import fit_line
 from bsplan.result import SAME_THROUGHPUT, Breakdown, ModelInfo, ProbeResult, Trial
 from bsplan.search import SearchOutcome, find_max_batch
 from bsplan.trial import TrialRunner
@@ -41,6 +42,7 @@ class ProbeOptions:
     max_batch: int = DEFAULT_MAX_BATCH
     multiple_of: int = 1
     headroom: float = 0.1
+    search: str = "predict"  # "predict": aim at the boundary from the trials' peaks; "bisect": double, then bisect
 
     @classmethod
     def checked(cls, *, memory_limit: str | None, max_batch: int | None, **values: object) -> ProbeOptions:
@@ -87,14 +89,14 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> Pr
             interrupted = True
             progress.note("interrupted: reporting the trials measured so far")
             outcome = _outcome_of(runner.trials)
-        breakdown = _breakdown(model, runner, options.mode)
+        breakdown = measure_breakdown(model, runner, options.mode)
     return _result(workload.name, model, device, options, runner, outcome, breakdown, interrupted)
 
 
 def _search(run: Callable[[int], Trial], options: ProbeOptions, device: Device) -> SearchOutcome:
     """The search; under a limit from outside the process the largest fit is checked again, and
     the search goes on below it while the re-check fails (the edge is a band)."""
-    limit = device.info.total_bytes
+    limit = device.info.total_bytes if options.search == "predict" else None
     outcome = find_max_batch(run, options.min_batch, options.max_batch, options.multiple_of, limit)
     while not device.info.exact and outcome.max_fit is not None and not run(outcome.max_fit).fits:
         below = outcome.max_fit - options.multiple_of
@@ -110,7 +112,7 @@ def _outcome_of(trials: list[Trial]) -> SearchOutcome:
     return SearchOutcome(max(fitted, default=None), min(failed, default=None), capped=False)
 
 
-def _breakdown(model: torch.nn.Module, runner: TrialRunner, mode: str) -> Breakdown:
+def measure_breakdown(model: torch.nn.Module, runner: TrialRunner, mode: str) -> Breakdown:
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     train = mode == "train"
@@ -133,14 +135,8 @@ def _breakdown(model: torch.nn.Module, runner: TrialRunner, mode: str) -> Breakd
 
 def _line(trials: list[Trial]) -> tuple[float, float] | None:
     """Least-squares (intercept, slope) of peak bytes over batch, from the fitting trials."""
-    points = [(trial.batch, trial.peak_bytes) for trial in trials if trial.fits and trial.peak_bytes is not None]
-    batches = {batch for batch, _ in points}
-    if len(batches) < 2:
-        return None
-    mean_b = sum(b for b, _ in points) / len(points)
-    mean_p = sum(p for _, p in points) / len(points)
-    slope = sum((b - mean_b) * (p - mean_p) for b, p in points) / sum((b - mean_b) ** 2 for b, _ in points)
-    return mean_p - slope * mean_b, slope
+    line = fit_line([(trial.batch, trial.peak_bytes) for trial in trials if trial.fits and trial.peak_bytes is not None])
+    return None if line is None else (line.base_bytes, line.per_sample_bytes)
 
 
 def _per_sample(trials: list[Trial], static_bytes: int) -> float | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from rich.console import Console
 from rich.status import Status
@@ -11,7 +11,7 @@ from rich.table import Table
 from bsplan.units import format_bytes
 
 if TYPE_CHECKING:
-    from bsplan.result import ProbeResult, Trial
+    from bsplan.result import Breakdown, ProbeResult, Trial
 
 
 def _rate(trial: Trial) -> str:
@@ -73,25 +73,31 @@ def show_probe(console: Console, result: ProbeResult) -> None:
         summary.add_row(
             "best throughput", f"batch {result.best_throughput_batch}; within 5% from batch {result.efficient_batch}"
         )
-    memory = result.breakdown
+    _add_breakdown(summary, result.breakdown)
+    console.print(summary)
+    console.print(_trials_table("trials", result.trials))
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
+
+
+def _add_breakdown(summary: Table, memory: Breakdown) -> None:
     summary.add_row("parameters", format_bytes(memory.parameter_bytes))
     summary.add_row("gradients", format_bytes(memory.gradient_bytes))
     estimated = "" if memory.optimizer_state_measured else " (estimated)"
     summary.add_row("optimizer state", format_bytes(memory.optimizer_state_bytes) + estimated)
     summary.add_row("activations per sample", format_bytes(memory.activation_bytes_per_sample))
-    console.print(summary)
 
-    trials = Table(title="trials", title_justify="left")
+
+def _trials_table(title: str, trials: Iterable[Trial]) -> Table:
+    table = Table(title=title, title_justify="left")
     for name in ("batch", "fits", "peak", "seconds", "samples/s"):
-        trials.add_column(name, justify="right")
-    for trial in sorted(result.trials, key=lambda t: t.batch):
-        trials.add_row(
+        table.add_column(name, justify="right")
+    for trial in sorted(trials, key=lambda t: t.batch):
+        table.add_row(
             str(trial.batch), "yes" if trial.fits else "OOM", format_bytes(trial.peak_bytes),
             f"{trial.seconds:.2f}", _rate(trial),
         )
-    console.print(trials)
-    for note in result.notes:
-        console.print(f"note: {note}", markup=False, soft_wrap=True)
+    return table
 
 
 # --- bsplan plan -------------------------------------------------------------------------------
@@ -157,6 +163,8 @@ def _limit_text(limit: Limit) -> str:
         return f"{limit.micro_batch} ({limit.source})"
     if limit.source == "--max-micro":
         return f"{limit.micro_batch} (--max-micro); timings and BatchNorm from {probe.describe()}"
+    if limit.gpu is not None:
+        return f"{limit.micro_batch}: {limit.source} estimated for {limit.gpu} from {probe.describe()}"
     other = "" if limit.source == "max_batch" else f"; --use max for its max_batch {probe.max_batch}"
     return f"{limit.micro_batch}: {limit.source} of {probe.describe()}{other}"
 
@@ -181,3 +189,77 @@ def _warmup_text(plan: Plan) -> str:
     if warmup.epochs is not None:
         length.append(f"{warmup.epochs:.3g} epochs")
     return f"{' = '.join(length)}, linear from {warmup.start_lr:g}; rule: {warmup.rule}; {warmup.source}"
+
+
+# --- bsplan gpus, bsplan estimate --------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from bsplan.nvml import Gpu, GpuReport
+    from bsplan.result import EstimateResult
+
+
+def show_gpus(console: Console, report: GpuReport) -> None:
+    """The GPUs NVML sees, with what is free on each and who holds the rest."""
+    from bsplan.gpus import match_nvml_name
+
+    table = Table(title=f"bsplan gpus: NVIDIA driver {report.driver_version}", title_justify="left")
+    for name, justify in (("nvml", "right"), ("cuda", "right"), ("name", "left"), ("uuid", "left"), ("used / total", "right"),
+                          ("free", "right"), ("processes (pid: memory)", "left"), ("--gpu", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for gpu in report.gpus:
+        cuda = "-" if gpu.cuda_index is None else f"{gpu.cuda_index}{'' if gpu.cuda_index_certain else '?'}"
+        known = match_nvml_name(gpu.name)
+        table.add_row(
+            str(gpu.index), cuda, gpu.name, gpu.uuid, f"{format_bytes(gpu.used_bytes)} / {format_bytes(gpu.total_bytes)}",
+            format_bytes(gpu.free_bytes), _processes_text(gpu), "-" if known is None else known.key,
+        )
+    console.print(table)
+    console.print(f"CUDA indices: {report.cuda_order}", markup=False, soft_wrap=True)
+
+
+def _processes_text(gpu: Gpu) -> str:
+    if gpu.processes is None:
+        return "not available"
+    return ", ".join(f"{p.pid}: {format_bytes(p.used_bytes)}" for p in gpu.processes) or "none"
+
+
+def show_catalog(console: Console) -> None:
+    from bsplan.gpus import CATALOG
+
+    table = Table(title="GPU catalogue (sources: docs/gpus.md)", title_justify="left")
+    for name, justify in (("--gpu", "left"), ("NVML name", "left"), ("memory", "right"), ("bf16 TFLOP/s (dense)", "right"),
+                          ("bandwidth GB/s", "right"), ("note", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for gpu in CATALOG:
+        tflops = "-" if gpu.bf16_tflops is None else f"{gpu.bf16_tflops:g}"
+        table.add_row(gpu.key, gpu.name, format_bytes(gpu.memory_bytes), tflops, f"{gpu.bandwidth_gb_per_s:g}", gpu.note)
+    console.print(table)
+
+
+def show_estimate(console: Console, result: EstimateResult) -> None:
+    """The prediction first, then what it rests on: the breakdown, the overheads, the CPU trials."""
+    from rich.text import Text
+
+    device, overheads = result.device, result.overheads
+    summary = Table(title=f"bsplan estimate: {result.model.file}", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("device", Text(f"{device.name}, {format_bytes(device.total_bytes)} ({device.limit_source})"))
+    summary.add_row("mode / precision", f"{result.mode}, {result.precision}")
+    summary.add_row("max batch (estimated)", "none fits" if result.max_batch is None else str(result.max_batch))
+    if result.capped_at is not None:
+        summary.add_row("", f"the prediction reaches the cap {result.capped_at} (raise --max-batch)")
+    summary.add_row(f"recommended ({result.headroom:.0%} headroom)", str(result.recommended_batch or "-"))
+    summary.add_row("predicted peak at max batch", format_bytes(result.peak_bytes))
+    _add_breakdown(summary, result.breakdown)
+    summary.add_row("fixed part of the peak", format_bytes(result.fit.base_bytes))
+    if overheads.total_bytes:
+        summary.add_row("CUDA context and driver", format_bytes(overheads.cuda_context_bytes))
+        summary.add_row("cuBLAS workspaces", format_bytes(overheads.cublas_workspace_bytes))
+        summary.add_row("allocator segments", format_bytes(overheads.allocator_reserve_bytes))
+    else:
+        summary.add_row("CUDA overheads", "none: a --memory budget counts tensor bytes, like probe --memory-limit")
+    console.print(summary)
+    console.print(_trials_table("measured on the CPU", result.trials))
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bsplan.gpus import GpuModel
+from bsplan.memory import MemoryLine, Overheads
+
 PROBE_SCHEMA = "bsplan.probe/1"
 # Where `bsplan probe` saves its result for `bsplan plan` (relative to the working directory).
 LAST_PROBE = Path(".bsplan") / "last-probe.json"
@@ -30,7 +33,10 @@ class Trial:
     samples_per_second: float | None  # timed after the warm-up step; None when it did not fit
     error: str | None = None  # the out-of-memory message, first line, when it did not fit
     oom_evidence: str | None = None  # why an ambiguous error was taken for out-of-memory
-    step_peak_bytes: int | None = None  # peak of the last step's forward and backward alone (for the search)
+    # Peaks of the last step's forward alone, and of its forward and backward, for the search:
+    # each is a lower bound on the trial's peak and close to affine in the batch.
+    forward_peak_bytes: int | None = None
+    step_peak_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,4 +95,39 @@ class ProbeResult:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["breakdown"]["static_bytes"] = self.breakdown.static_bytes
+        return data
+
+
+ESTIMATE_SCHEMA = "bsplan.estimate/1"
+
+
+@dataclass(frozen=True)
+class EstimateResult:
+    """What `bsplan estimate` predicts for a device it did not run on: the probe's fields where they
+    apply (max_batch, recommended_batch, peak_bytes and breakdown predicted; trials measured on the
+    CPU), plus the fitted line, the CUDA overheads and the catalogue entry. docs/estimate.md."""
+
+    model: ModelInfo
+    device: DeviceInfo  # the target: a catalogue GPU (type "cuda") or a --memory budget (type "cpu")
+    mode: str
+    precision: str
+    steps: int
+    headroom: float
+    max_batch: int | None
+    recommended_batch: int | None
+    peak_bytes: int | None  # predicted allocated peak at max_batch
+    breakdown: Breakdown
+    fit: MemoryLine  # peak = base_bytes + per_sample_bytes x batch, from the largest batches measured
+    overheads: Overheads
+    gpu: GpuModel | None
+    trials: tuple[Trial, ...]  # measured on the CPU
+    capped_at: int | None = None  # the --max-batch cap, when the prediction reaches it
+    notes: tuple[str, ...] = ()
+    estimated: bool = True
+    schema: str = ESTIMATE_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["breakdown"]["static_bytes"] = self.breakdown.static_bytes
+        data["overheads"] = self.overheads.to_dict()
         return data

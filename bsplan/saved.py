@@ -2,7 +2,8 @@
 
 `bsplan probe` saves its result (ProbeResult.to_dict(), docs/json.md) at result.LAST_PROBE in the working
 directory, which lets `bsplan probe model.py` then `bsplan plan --target 1024 --gpus 4` work with no
-file named; `--from FILE` reads any other saved probe (`bsplan probe --output FILE`).
+file named; `--from FILE` reads any other saved probe (`bsplan probe --output FILE`) or a saved
+estimate (`bsplan estimate --output FILE`, docs/estimate.md).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from bsplan.errors import BadInput
-from bsplan.result import PROBE_SCHEMA
+from bsplan.memory import MemoryLine, fit_top
+from bsplan.result import ESTIMATE_SCHEMA, PROBE_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,16 @@ class SavedProbe:
     capped_at: int | None
     interrupted: bool
     throughput: tuple[tuple[int, float], ...]  # (batch, samples_per_second) of each fitting trial, by batch
+    kind: str = "probe"  # or "estimate" (bsplan estimate --output)
+    headroom: float = 0.1
+    memory: MemoryLine | None = None  # peak over batch, for `plan --gpu`; None with fewer than two fitting batches
 
     def to_dict(self) -> dict[str, str]:
         return {"file": self.path, "model": self.model_file, "device": self.device}
 
     def describe(self) -> str:
-        return f"the probe of {self.model_file} on {self.device} in {self.path}"
+        where = "for" if self.kind == "estimate" else "on"
+        return f"the {self.kind} of {self.model_file} {where} {self.device} in {self.path}"
 
 
 def load_probe(path: Path) -> SavedProbe:
@@ -50,8 +56,8 @@ def load_probe(path: Path) -> SavedProbe:
     except json.JSONDecodeError as error:
         raise BadInput(f"{path} is not JSON ({error.msg} at line {error.lineno}), so not a saved bsplan probe") from None
     schema = data.get("schema") if isinstance(data, dict) else None
-    if schema != PROBE_SCHEMA:
-        raise BadInput(f"{path} is not a {PROBE_SCHEMA} probe result (its schema is {schema!r})")
+    if schema not in (PROBE_SCHEMA, ESTIMATE_SCHEMA):
+        raise BadInput(f"{path} is not a {PROBE_SCHEMA} probe result or {ESTIMATE_SCHEMA} estimate (its schema is {schema!r})")
     try:
         return _from_dict(str(path), data)
     except (KeyError, TypeError, ValueError) as error:
@@ -59,11 +65,14 @@ def load_probe(path: Path) -> SavedProbe:
 
 
 def _from_dict(path: str, data: dict[str, Any]) -> SavedProbe:
-    throughput = sorted(
-        (int(trial["batch"]), float(trial["samples_per_second"]))
-        for trial in data["trials"]
-        if trial["fits"] and trial["samples_per_second"]
-    )
+    fitting = [trial for trial in data["trials"] if trial["fits"]]
+    estimated = data["schema"] == ESTIMATE_SCHEMA
+    if estimated:  # its trials ran on the CPU, not on the device it predicts for: no timings to plan with
+        throughput: list[tuple[int, float]] = []
+        memory = MemoryLine(float(data["fit"]["base_bytes"]), float(data["fit"]["per_sample_bytes"]))
+    else:
+        throughput = sorted((int(t["batch"]), float(t["samples_per_second"])) for t in fitting if t["samples_per_second"])
+        memory = fit_top([(int(t["batch"]), float(t["peak_bytes"])) for t in fitting if t["peak_bytes"] is not None])
     return SavedProbe(
         path=path,
         model_file=str(data["model"]["file"]),
@@ -76,6 +85,9 @@ def _from_dict(path: str, data: dict[str, Any]) -> SavedProbe:
         capped_at=_optional_int(data.get("capped_at")),
         interrupted=bool(data.get("interrupted", False)),
         throughput=tuple(throughput),
+        kind="estimate" if estimated else "probe",
+        headroom=float(data["headroom"]),
+        memory=memory,
     )
 
 

@@ -35,29 +35,31 @@ class _Bracket:
     def __init__(self) -> None:
         self.fit: int | None = None  # largest unit that fitted
         self.fail: int | None = None  # smallest unit that failed
-        self.step_peaks: dict[int, int] = {}  # unit -> peak bytes of a fitting trial's forward and backward
+        # unit -> a fitting trial's phase peaks: its forward's, and its forward and backward's
+        self.phase_peaks: dict[int, tuple[int | None, int | None]] = {}
 
     def record(self, unit: int, trial: Trial) -> None:
         if trial.fits:
             self.fit = unit if self.fit is None else max(self.fit, unit)
-            if trial.step_peak_bytes is not None:
-                self.step_peaks[unit] = trial.step_peak_bytes
+            self.phase_peaks[unit] = (trial.forward_peak_bytes, trial.step_peak_bytes)
         else:
             self.fail = unit if self.fail is None else min(self.fail, unit)
 
-    def width(self) -> float:
-        return float("inf") if self.fail is None or self.fit is None else self.fail - self.fit
-
-    def predicted_boundary(self, limit_bytes: int, multiple_of: int) -> int | None:
-        """The largest unit whose predicted peak fits, on the line through the two largest fitting
-        trials (the nearest the boundary, so the local slope); None without a rising line."""
-        if len(self.step_peaks) < 2:
-            return None
-        (u1, p1), (u2, p2) = sorted(self.step_peaks.items())[-2:]
-        slope = (p2 - p1) / ((u2 - u1) * multiple_of)
-        if slope <= 0:
-            return None
-        return int((limit_bytes - p2) / slope // multiple_of) + u2
+    def slopes_and_crossings(self, limit_bytes: int, multiple_of: int) -> list[tuple[float, int] | None]:
+        """For each phase (forward; forward and backward): the slope in bytes per sample of the line
+        through the two largest fitting trials (the nearest the boundary, so the local slope) and
+        the unit where it crosses the limit; None where there is no rising line."""
+        lines: list[tuple[float, int] | None] = []
+        for phase in range(2):
+            points = sorted((unit, peaks[phase]) for unit, peaks in self.phase_peaks.items() if peaks[phase] is not None)
+            line = None
+            if len(points) >= 2:
+                (u1, p1), (u2, p2) = points[-2:]
+                slope = (p2 - p1) / ((u2 - u1) * multiple_of)
+                if slope > 0:
+                    line = (slope, int((limit_bytes - p2) / slope // multiple_of) + u2)
+            lines.append(line)
+        return lines
 
 
 def find_max_batch(
@@ -65,44 +67,62 @@ def find_max_batch(
 ) -> SearchOutcome:
     """The exact largest multiple of `multiple_of` in [min_batch, max_batch] that fits, assuming a
     batch that fails makes every larger one fail too. With `limit_bytes` (the device's memory)
-    the search predicts the boundary from the trials' step peaks; without, it doubles and bisects."""
+    the search predicts the boundary from the trials' phase peaks; without, it doubles and bisects."""
     low = -(-min_batch // multiple_of)
     top = max_batch // multiple_of
     if low > top:
         raise ValueError(f"no multiple of {multiple_of} lies in [{min_batch}, {max_batch}]")
     bracket = _Bracket()
-    predicted: list[bool] = []  # whether each candidate after the first came from a prediction
-    widths: list[float] = []
+    kinds: list[str] = []  # how each candidate after the first was chosen
+    widths: list[int] = []  # the bracket's width after each trial (the cap standing in for a failure)
     unit = low
     while True:
         bracket.record(unit, run(unit * multiple_of))
-        widths.append(bracket.width())
         if bracket.fit is None:
             return SearchOutcome(None, low * multiple_of, capped=False)
         if bracket.fit == top:
             return SearchOutcome(top * multiple_of, None, capped=True)
-        if bracket.width() == 1:
-            return SearchOutcome(bracket.fit * multiple_of, bracket.fail * multiple_of, capped=False)  # type: ignore[operator]
-        unit, from_prediction = _next_unit(bracket, top, limit_bytes, multiple_of, predicted, widths)
-        predicted.append(from_prediction)
+        if bracket.fail == bracket.fit + 1:
+            return SearchOutcome(bracket.fit * multiple_of, bracket.fail * multiple_of, capped=False)
+        widths.append((top + 1 if bracket.fail is None else bracket.fail) - bracket.fit)
+        unit, kind = _next_unit(bracket, unit, top, limit_bytes, multiple_of, kinds, widths)
+        kinds.append(kind)
 
 
 def _next_unit(
-    bracket: _Bracket, top: int, limit_bytes: int | None, multiple_of: int, predicted: list[bool], widths: list[float]
-) -> tuple[int, bool]:
-    """The next unit to try, strictly inside the bracket: the predicted boundary while predictions
-    keep halving the bracket, else the bisection point (doubling while nothing has failed)."""
-    fit = bracket.fit
+    bracket: _Bracket, last: int, top: int, limit_bytes: int | None, multiple_of: int, kinds: list[str], widths: list[int]
+) -> tuple[int, str]:
+    """The next unit to try, strictly inside the bracket, and how it was chosen: "grow" (geometric,
+    while nothing has failed), "predict" (the predicted boundary, while predictions keep halving
+    the bracket), "retry" (just below a failed prediction, once) or "bisect"."""
+    fit, fail = bracket.fit, bracket.fail
     assert fit is not None
-    ceiling = top if bracket.fail is None else bracket.fail - 1
-    if len(widths) == 1 and limit_bytes is not None:
-        return min(ceiling, fit * SECOND_POINT_FACTOR), False
-    guess = None if limit_bytes is None else bracket.predicted_boundary(limit_bytes, multiple_of)
-    # A prediction that a trial already refuted (a boundary below a fit or at a failure) is stale.
-    refuted = guess is None or guess < fit or (bracket.fail is not None and guess >= bracket.fail)
-    stalled = len(predicted) >= 2 and predicted[-1] and predicted[-2] and widths[-1] > widths[-3] / 2
-    if not refuted and not stalled:
-        return min(max(guess, fit + 1), ceiling), True  # type: ignore[type-var]
-    if bracket.fail is None:
-        return min(top, fit * 2), False
-    return (fit + bracket.fail) // 2, False
+    ceiling = top if fail is None else fail - 1
+    guess, settled = None, True
+    if limit_bytes is not None:
+        if not kinds:
+            return min(ceiling, fit * SECOND_POINT_FACTOR), "grow"
+        forward, step = bracket.slopes_and_crossings(limit_bytes, multiple_of)
+        # Each phase's peak is a lower bound on the trial's peak, so each line crosses the limit at
+        # or beyond the boundary: the nearest crossing is the best guess. At small batches the peak
+        # of forward and backward is the end of backward (gradients, which do not grow with the
+        # batch) and its line is too flat; it is trusted once it rises at least as fast as the
+        # forward's, whose activations it holds at large batches. Until then the batch grows
+        # geometrically toward the forward line's crossing, cheaply.
+        guess = min((line[1] for line in (forward, step) if line is not None), default=None)
+        settled = step is None or forward is None or step[0] >= forward[0]
+    if guess is not None and not settled and fail is None and fit * SECOND_POINT_FACTOR < guess:
+        return min(ceiling, fit * SECOND_POINT_FACTOR), "grow"
+    if guess is not None and fail is not None and guess >= fail:
+        # The line crosses at or past a failure: off by a little (rounding, a few bytes per sample)
+        # or by much. Just below the failure settles the first at once; it is tried only right
+        # after the prediction failed, so a line off by much costs one trial, then bisection.
+        if kinds[-1] == "predict" and last == fail:
+            return fail - 1, "retry"
+        guess = None
+    stalled = kinds[-2:] in (["predict", "predict"], ["predict", "retry"]) and widths[-1] > widths[-3] / 2
+    if guess is not None and guess >= fit and not stalled:
+        return min(max(guess, fit + 1), ceiling), "predict"
+    if fail is None:
+        return min(top, fit * 2), "grow"
+    return (fit + fail) // 2, "bisect"

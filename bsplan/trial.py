@@ -43,9 +43,9 @@ class TrialRunner:
         self.device.reset_peak()
         start = time.perf_counter()
         try:
-            rate, step_peak, earlier_peak = self._run_steps(batch)
+            rate, phase_peaks, earlier_peak = self._run_steps(batch)
             peak = max(earlier_peak, self.device.peak_bytes())
-            trial = Trial(batch, True, peak, time.perf_counter() - start, rate, step_peak_bytes=step_peak)
+            trial = Trial(batch, True, peak, time.perf_counter() - start, rate, **phase_peaks)
         except BsplanError:
             raise
         except Exception as error:  # noqa: BLE001 - classified right here
@@ -74,11 +74,11 @@ class TrialRunner:
             raise user_error(f"a training step of {self.workload.name} at batch {batch}", error) from None
         return Trial(batch, False, None, seconds, None, error=_first_line(error), oom_evidence=evidence)
 
-    def _run_steps(self, batch_size: int) -> tuple[float, int, int]:
+    def _run_steps(self, batch_size: int) -> tuple[float, dict[str, int], int]:
         """Run the steps. Returns samples per second over the steps after the first (the warm-up),
-        the peak of the last step's forward and backward alone (the optimizer step's own peak does
-        not grow with the batch, so leaving it out keeps this affine in the batch, for the search),
-        and the peak of the steps before the last."""
+        the peaks of the last step's forward and of its forward and backward (the optimizer step's
+        own peak does not grow with the batch, so leaving it out keeps these close to affine in the
+        batch, for the search), and the peak of the steps before the last."""
         device, model = self.device, self.model
         autocast = (
             torch.autocast(device.torch_device.type, dtype=_AUTOCAST[self.precision])
@@ -88,7 +88,7 @@ class TrialRunner:
         optimizer = self.workload.optimizer(model.parameters()) if self.train else None
         scaler = torch.amp.GradScaler(device.torch_device.type) if self.train and self.precision == "fp16" else None
         timed_from = 0.0
-        earlier_peak = step_peak = 0
+        earlier_peak = forward_peak = step_peak = 0
         for step in range(self.steps):
             if step == 1:
                 device.synchronize()
@@ -100,10 +100,11 @@ class TrialRunner:
             if optimizer is None:
                 with torch.inference_mode(), autocast:
                     self.workload.loss(model, batch)
-                step_peak = device.peak_bytes()
+                forward_peak = step_peak = device.peak_bytes()
                 continue
             with autocast:
                 loss = self.workload.loss(model, batch)
+            forward_peak = device.peak_bytes()
             (loss if scaler is None else scaler.scale(loss)).backward()
             step_peak = device.peak_bytes()
             if scaler is None:
@@ -117,7 +118,7 @@ class TrialRunner:
             del batch, loss
         device.synchronize()
         rate = batch_size * (self.steps - 1) / max(time.perf_counter() - timed_from, 1e-9)
-        return rate, step_peak, earlier_peak
+        return rate, {"forward_peak_bytes": forward_peak, "step_peak_bytes": step_peak}, earlier_peak
 
     def _release(self) -> None:
         for parameter in self.model.parameters():

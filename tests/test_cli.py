@@ -19,7 +19,9 @@ PROBE_FIELDS = {
     "first_oom_batch", "recommended_batch", "peak_bytes", "breakdown", "trials", "capped_at", "interrupted", "notes",
     "best_throughput_batch", "efficient_batch",
 }
-TRIAL_FIELDS = {"batch", "fits", "peak_bytes", "seconds", "samples_per_second", "error", "oom_evidence", "step_peak_bytes"}
+TRIAL_FIELDS = {
+    "batch", "fits", "peak_bytes", "seconds", "samples_per_second", "error", "oom_evidence", "forward_peak_bytes", "step_peak_bytes",
+}
 
 
 def test_json_result_has_the_documented_fields_and_saves_for_plan(workdir: Path) -> None:

@@ -16,10 +16,15 @@ MIB = 2**20
 
 
 class FakeDevice:
-    """A device whose step peak is `memory(batch)` bytes, failing past `limit` (or past `largest`)."""
+    """A device whose step peak is `memory(batch)` bytes (its forward's `forward(batch)`), failing
+    past `limit` (or past `largest`)."""
 
-    def __init__(self, memory: Callable[[int], float], limit: int, largest: int | None = None) -> None:
+    def __init__(
+        self, memory: Callable[[int], float], limit: int, largest: int | None = None,
+        forward: Callable[[int], float] | None = None,
+    ) -> None:
         self.memory = memory
+        self.forward = forward
         self.limit = limit
         self.largest = largest
         self.tried: list[int] = []
@@ -28,7 +33,10 @@ class FakeDevice:
         self.tried.append(batch)
         peak = int(self.memory(batch))
         fits = peak <= self.limit if self.largest is None else batch <= self.largest
-        return Trial(batch, fits, peak if fits else None, 0.1, 1.0 if fits else None, step_peak_bytes=peak if fits else None)
+        if not fits:
+            return Trial(batch, False, None, 0.1, None, error="out of memory")
+        forward = None if self.forward is None else int(self.forward(batch))
+        return Trial(batch, True, peak, 0.1, 1.0, forward_peak_bytes=forward, step_peak_bytes=peak)
 
 
 def affine(static: float, per_sample: float) -> Callable[[int], float]:
@@ -47,21 +55,33 @@ def truth(memory: Callable[[int], float], limit: int) -> int:
 )
 def test_affine_memory_is_found_exactly_in_four_trials(static: float, per_sample: float) -> None:
     memory = affine(static, per_sample)
-    device = FakeDevice(memory, 300 * MIB)
+    device = FakeDevice(memory, 300 * MIB, forward=affine(static * 0.9, per_sample * 0.8))
     outcome = find_max_batch(device, 1, 2**20, 1, 300 * MIB)
     expected = truth(memory, 300 * MIB)
     assert (outcome.max_fit, outcome.first_fail) == (expected, expected + 1)
     assert len(device.tried) <= 4, device.tried
 
 
-def test_convex_memory_falls_back_and_stays_exact() -> None:
-    # The peak moves from the end of backward (gradients) to its start (activations) as the batch
-    # grows: a max of two lines, so small batches underestimate the slope.
-    memory = lambda b: max(10 * MIB + 5_000 * b, 3 * MIB + 11_000 * b)  # noqa: E731
-    device = FakeDevice(memory, 300 * MIB)
+# The MLP example's memory (measured): the peak of forward and backward moves from the end of
+# backward (gradients) to the end of forward (activations) as the batch grows, a max of two lines,
+# so small batches see too flat a slope; the forward's own peak rises at the activations' rate.
+MLP_STEP = lambda b: max(10_720_520 + 5192 * (b - 1), 54_489_280 + 11_336 * (b - 4096))  # noqa: E731
+MLP_FORWARD = lambda b: 8_000_000 + 9_200 * b  # noqa: E731
+
+
+def test_convex_memory_grows_until_the_step_line_is_steep_enough() -> None:
+    device = FakeDevice(MLP_STEP, 300 * MIB, forward=MLP_FORWARD)
     outcome = find_max_batch(device, 1, 65536, 1, 300 * MIB)
-    assert outcome.max_fit == truth(memory, 300 * MIB)
-    assert len(device.tried) <= 10, device.tried
+    assert outcome.max_fit == truth(MLP_STEP, 300 * MIB)
+    assert device.tried[:5] == [1, 8, 64, 512, 4096]  # cheap trials until the slopes agree
+    assert len(device.tried) <= 7, device.tried
+
+
+def test_convex_memory_without_forward_peaks_falls_back_and_stays_exact() -> None:
+    device = FakeDevice(MLP_STEP, 300 * MIB)
+    outcome = find_max_batch(device, 1, 65536, 1, 300 * MIB)
+    assert outcome.max_fit == truth(MLP_STEP, 300 * MIB)
+    assert len(device.tried) <= 12, device.tried
 
 
 def test_a_jump_in_memory_falls_back_and_stays_exact() -> None:
@@ -79,14 +99,16 @@ def test_a_jump_in_memory_falls_back_and_stays_exact() -> None:
     multiple_of=st.sampled_from([1, 2, 8, 32]),
     static=st.integers(0, 200 * MIB),
     per_sample=st.integers(-1000, 50_000),
+    forward_per_sample=st.integers(-1000, 80_000),
     noise=st.integers(0, 5 * MIB),
 )
 def test_exact_for_any_monotone_boundary_even_with_misleading_peaks(
-    largest: int, min_batch: int, multiple_of: int, static: int, per_sample: int, noise: int
+    largest: int, min_batch: int, multiple_of: int, static: int, per_sample: int, forward_per_sample: int, noise: int
 ) -> None:
     """Whatever the peaks say (wrong slope, noise), the answer is the true boundary."""
     memory = lambda b: static + per_sample * b + (noise if b % 3 == 0 else 0)  # noqa: E731
-    device = FakeDevice(memory, 300 * MIB, largest=largest)
+    forward = lambda b: static // 2 + forward_per_sample * b  # noqa: E731
+    device = FakeDevice(memory, 300 * MIB, largest=largest, forward=forward)
     outcome = find_max_batch(device, min_batch, 100_000, multiple_of, 300 * MIB)
     expected = largest // multiple_of * multiple_of
     lowest = -(-min_batch // multiple_of) * multiple_of
