@@ -64,14 +64,18 @@ def fits_alone(model: Path, limit: str, device: str, batch: int) -> bool:
     return _bsplan(model, limit, device, "--min-batch", str(batch), "--max-batch", str(batch))[0].get("max_batch") == batch
 
 
-def truth(model: Path, limit: str, device: str, candidate: int) -> int:
-    """Walk from a candidate to the B that fits alone while B + 1 does not."""
+def truth(model: Path, limit: str, device: str, candidate: int, steps: int = 20) -> int | None:
+    """Walk from a candidate to the B that fits alone while B + 1 does not; None if that takes
+    more than `steps` checks (under an OS limit the edge is a band and may not settle)."""
     batch = candidate
-    while not fits_alone(model, limit, device, batch):
-        batch -= 1
-    while fits_alone(model, limit, device, batch + 1):
-        batch += 1
-    return batch
+    for _ in range(steps):
+        if not fits_alone(model, limit, device, batch):
+            batch -= 1
+        elif fits_alone(model, limit, device, batch + 1):
+            batch += 1
+        else:
+            return batch
+    return None
 
 
 def main() -> None:
@@ -94,9 +98,10 @@ def main() -> None:
         true_max = truth(model, args.memory_limit, args.device, ours["max_batch"])
         found = theirs.get("max_batch")
         their_result = f"crashed ({theirs['error']})" if theirs.get("error") else str(found)
-        their_ratio = "-" if found is None else f"{found / true_max:.2f}"
+        their_ratio = "-" if found is None or true_max is None else f"{found / true_max:.2f}"
+        our_ratio = "-" if true_max is None else f"{ours['max_batch'] / true_max:.2f}"
         print(
-            f"| {name} | {true_max} | {ours['max_batch']} | {ours['max_batch'] / true_max:.2f} | {len(ours['trials'])} | "
+            f"| {name} | {true_max or 'no settled edge'} | {ours['max_batch']} | {our_ratio} | {len(ours['trials'])} | "
             f"{our_seconds:.1f} | {their_result} | {their_ratio} | {theirs.get('trials')} | {their_seconds:.1f} |",
             flush=True,
         )

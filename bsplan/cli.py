@@ -19,6 +19,7 @@ from rich.console import Console
 
 from bsplan.errors import BadInput, BsplanError, UserCodeError
 from bsplan.result import LAST_PROBE
+from bsplan.strategies import STRATEGIES
 
 # torch warns at import when NumPy is missing; bsplan never hands torch a NumPy array.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -51,9 +52,26 @@ class Search(str, Enum):
     bisect = "bisect"
 
 
+class Strategy(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 class Mode(str, Enum):
     train = "train"
     infer = "infer"
+
+
+class EstimatePrecision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    mixed = "mixed"
+
+
+# The data-parallel strategies of the memory model (bsplan/strategies.py); plan can also compare them.
+Parallelism = Enum("Parallelism", {name: name for name in STRATEGIES}, type=str)  # type: ignore[misc]
+PlanStrategy = Enum("PlanStrategy", {name: name for name in (*STRATEGIES, "auto")}, type=str)  # type: ignore[misc]
 
 
 def _fail(error: BsplanError, json_out: bool) -> NoReturn:
@@ -103,6 +121,12 @@ def probe(
     search: Search = typer.Option(
         Search.predict, help="predict: jump to where the trials' memory line meets the limit (few trials). bisect: double, then bisect."
     ),
+    nproc: int = typer.Option(1, help="Local processes, one device each (gloo on the CPU, NCCL on CUDA); the batch is per device."),
+    strategy: Optional[Strategy] = typer.Option(
+        None, help="ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard). Default: ddp with --nproc above 1."
+    ),
+    bucket_view: bool = typer.Option(False, "--bucket-view", help="DDP with gradient_as_bucket_view=True (no second copy of the gradients)."),
+    timeout: float = typer.Option(300.0, help="Seconds a rank may take for one trial before the probe stops with an error."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
     output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
     save: bool = typer.Option(True, help=f"Save the result to {LAST_PROBE} for `bsplan plan` to use."),
@@ -116,6 +140,8 @@ def probe(
         options = ProbeOptions.checked(
             device=device, memory_limit=memory_limit, precision=precision.value, mode=mode.value, steps=steps,
             min_batch=min_batch, max_batch=max_batch, multiple_of=multiple_of, headroom=headroom, search=search.value,
+            nproc=nproc, strategy=strategy.value if strategy else ("ddp" if nproc > 1 else "none"),
+            bucket_view=bucket_view, timeout=timeout,
         )
         result = run_probe(model_file, options, ProbeProgress(stderr))
     except BsplanError as error:
@@ -184,6 +210,10 @@ def plan(
     epochs: Optional[float] = typer.Option(None, help="Epochs to train: total optimizer steps."),
     batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm", help="Whether the model has BatchNorm (default: as the probe found)."),
     gpu: Optional[str] = typer.Option(None, help="Estimate the limit for this catalogue GPU (bsplan gpus --catalog) from the probe's memory per sample."),
+    strategy: PlanStrategy = typer.Option(
+        PlanStrategy.none, help="Recompute the limit for ddp, zero1, zero2, zero3 or fsdp at this world size from the probe; auto: compare them all."
+    ),
+    bucket_view: bool = typer.Option(False, "--bucket-view", help="DDP with gradient_as_bucket_view=True (its buckets hold the gradients)."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as one JSON document (same as --format json)."),
     output_format: PlanFormat = typer.Option(
         PlanFormat.table, "--format", help="table, json, or what one tool reads: deepspeed, hf, lightning, torchrun."
@@ -203,6 +233,7 @@ def plan(
             use=use.value, multiple_of=multiple_of, base_lr=base_lr, base_batch=base_batch, scaling=scaling.value,
             optimizer=optimizer.value, beta2=beta2, warmup_steps=warmup_steps, warmup_epochs=warmup_epochs,
             warmup_ratio=warmup_ratio, dataset_size=dataset_size, epochs=epochs, batchnorm=batchnorm, gpu=gpu,
+            strategy=strategy.value, bucket_view=bucket_view,
         )
         result = make_plan(options)
     except BsplanError as error:
@@ -245,29 +276,50 @@ def gpus(
 
 @app.command()
 def estimate(
-    model_file: Path = typer.Argument(..., help="Python file defining build_model() and make_batch(batch_size) (docs/model-file.md)."),
+    model_file: Optional[Path] = typer.Argument(
+        None, help="Python file defining build_model() and make_batch(batch_size) (docs/model-file.md); or give --params."
+    ),
     gpu: Optional[str] = typer.Option(None, help="A GPU of the catalogue (bsplan gpus --catalog), loosely: h100, H100-80GB, a100-40gb, 4090."),
     memory: Optional[str] = typer.Option(
         None, help="Memory to plan for, e.g. 300MiB or 20GiB. Alone: counted like probe --memory-limit. With --gpu: that GPU with this much free."
     ),
-    precision: Precision = typer.Option(Precision.fp32, help="fp32, or autocast to bf16 / fp16 (measured under CPU autocast)."),
+    precision: EstimatePrecision = typer.Option(
+        EstimatePrecision.fp32, help="fp32, or autocast to bf16 / fp16 (measured under CPU autocast); with --params also mixed (2 + 2 + 12 bytes for Adam)."
+    ),
     mode: Mode = typer.Option(Mode.train, help="train: forward, backward and optimizer step. infer: forward under inference_mode."),
     headroom: float = typer.Option(0.1, help="Fraction of the memory kept free in recommended_batch."),
     cuda_context: Optional[str] = typer.Option(None, help="Memory the driver and CUDA context take on the --gpu (default 1GiB)."),
     max_batch: Optional[int] = typer.Option(None, help="Largest batch to predict (default 65536, as probe)."),
+    strategy: Parallelism = typer.Option(Parallelism.none, help="Per device under ddp, zero1, zero2, zero3 or fsdp (docs/strategies.md)."),
+    gpus: int = typer.Option(1, help="Devices the --strategy spreads the model states over (the world size)."),
+    bucket_view: bool = typer.Option(False, "--bucket-view", help="DDP with gradient_as_bucket_view=True (its buckets hold the gradients)."),
+    params: Optional[str] = typer.Option(None, help="Instead of a model file: a parameter count (7.5e9, 7.5B) for its model states alone."),
+    optimizer: Optional[Optimizer] = typer.Option(None, help="With --params: the optimizer whose state to count (default adamw)."),
+    activation_bytes_per_sample: Optional[str] = typer.Option(
+        None, help="With --params: activation memory per sample (e.g. a probe's), for a largest batch on --gpu or --memory."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
     output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file (bsplan plan --from reads it)."),
 ) -> None:
-    """Predict the largest batch for a GPU you do not have (or any memory budget) from CPU training steps."""
-    from bsplan.render import ProbeProgress, show_estimate
+    """Predict the largest batch for a GPU you do not have (or any memory budget) from CPU training steps,
+    per device under a data-parallel strategy; or the model states of a parameter count."""
+    from bsplan.render import ProbeProgress, show_estimate, show_states
 
     try:
-        from bsplan.estimate import EstimateOptions, run_estimate
+        from bsplan.estimate import EstimateOptions, estimate_states, run_estimate
 
         options = EstimateOptions.checked(
-            gpu=gpu, memory=memory, cuda_context=cuda_context, max_batch=max_batch, precision=precision.value,
-            mode=mode.value, headroom=headroom,
+            model_given=model_file is not None, gpu=gpu, memory=memory, cuda_context=cuda_context, max_batch=max_batch,
+            strategy=strategy.value, gpus=gpus, bucket_view=bucket_view, params=params,
+            optimizer=None if optimizer is None else optimizer.value, activation_bytes_per_sample=activation_bytes_per_sample,
+            precision=precision.value, mode=mode.value, headroom=headroom,
         )
+        if model_file is None:
+            states = estimate_states(options)
+            _emit(states.to_dict(), lambda console: show_states(console, states), json_out, output)
+            if states.device is not None and states.activation_bytes_per_sample is not None and states.max_batch is None:
+                raise typer.Exit(EXIT_NO_FIT)
+            return
         result = run_estimate(model_file, options, ProbeProgress(stderr))
     except BsplanError as error:
         _fail(error, json_out)

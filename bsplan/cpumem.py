@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 from bsplan.units import format_bytes
@@ -39,6 +39,30 @@ class TensorBytesLimit(TorchDispatchMode):
         self.peak_bytes = 0
         self._live: dict[int, tuple[weakref.ref[Any], int]] = {}
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """Opt out of torch wrapping __torch_dispatch__ in torch._dynamo.disable (PyTorch's documented
+        switch): counting needs no compile guard, and the wrapper adds a call to every operator."""
+        return False
+
+    def __enter__(self) -> TensorBytesLimit:
+        # FSDP frees and re-allocates its gathered parameters with UntypedStorage.resize_, which
+        # no operator reports: count those resizes too, while the limit is active.
+        self._resize = resize = torch.UntypedStorage.resize_
+
+        def counted_resize(storage: torch.UntypedStorage, size: int) -> Any:
+            result = resize(storage, size)
+            if storage.device.type == "cpu":
+                self._count(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = counted_resize  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.UntypedStorage.resize_ = self._resize  # type: ignore[method-assign]
+        super().__exit__(*exc)
+
     def reset_peak(self) -> None:
         self.peak_bytes = self.current_bytes
 
@@ -46,7 +70,8 @@ class TensorBytesLimit(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-                self._count(tensor.untyped_storage())
+                for storage in _storages(tensor):
+                    self._count(storage)
         return out
 
     def _count(self, storage: torch.UntypedStorage) -> None:
@@ -70,6 +95,15 @@ class TensorBytesLimit(TorchDispatchMode):
         entry = self._live.pop(key, None)
         if entry is not None:
             self.current_bytes -= entry[1]
+
+
+def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages that hold a tensor's bytes: a wrapper subclass's (FSDP's DTensor) are its inner
+    tensors' (a DTensor's own storage reports the global size, not this rank's shard)."""
+    if is_traceable_wrapper_subclass(tensor):
+        inner = (getattr(tensor, name) for name in tensor.__tensor_flatten__()[0])
+        return [storage for part in inner if isinstance(part, torch.Tensor) for storage in _storages(part)]
+    return [tensor.untyped_storage()]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,14 @@ _DEEPSPEED_OPTIMIZER: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# ZeRO's stage per strategy (DeepSpeed's zero_optimization.stage; 0 is plain data parallelism), and
+# Lightning's registered strategy names (lightning.pytorch.strategies.StrategyRegistry).
+_ZERO_STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+_LIGHTNING_STRATEGY = {"ddp": "ddp", "fsdp": "fsdp", "zero1": "deepspeed_stage_1", "zero2": "deepspeed_stage_2",
+                       "zero3": "deepspeed_stage_3"}
+_NOT_DEEPSPEED = "fsdp is PyTorch's FSDP, not DeepSpeed: DeepSpeed's equivalent is ZeRO stage 3 (--strategy zero3)"
+
+
 @dataclass(frozen=True)
 class Export:
     text: str  # exactly what the tool reads
@@ -38,6 +46,10 @@ def deepspeed_config(plan: Plan) -> Export:
         "gradient_accumulation_steps": plan.accumulation_steps,
     }
     notes = []
+    if plan.strategy in _ZERO_STAGE:
+        config["zero_optimization"] = {"stage": _ZERO_STAGE[plan.strategy]}
+    elif plan.strategy == "fsdp":
+        notes.append(_NOT_DEEPSPEED)
     rate, warmup = plan.learning_rate, plan.warmup
     if rate is None:
         notes.append("no learning rate is known, so the config has no optimizer or scheduler section")
@@ -67,6 +79,14 @@ def hf_training_arguments(plan: Plan) -> Export:
     if plan.warmup is not None and plan.warmup.steps is not None:
         arguments["warmup_steps"] = plan.warmup.steps
     notes = [f"the Trainer takes the device count from its launcher: run it as torchrun {_torchrun_args(plan)} train.py"]
+    if plan.strategy == "fsdp":  # Accelerate's FSDP plugin under the Trainer: full_shard is ZeRO-3's sharding
+        arguments["fsdp"] = "full_shard auto_wrap"
+        arguments["fsdp_config"] = {"fsdp_version": 2}
+        notes.append("auto_wrap makes each of the model's _no_split_modules (its transformer layers) a unit; "
+                     "`bsplan probe --strategy fsdp` makes one of every module that holds parameters")
+    elif plan.strategy.startswith("zero"):  # the Trainer fills DeepSpeed's "auto" values from its own arguments
+        arguments["deepspeed"] = {"zero_optimization": {"stage": _ZERO_STAGE[plan.strategy]}, "train_batch_size": "auto",
+                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
     if plan.warmup is not None and plan.warmup.start_lr > 0:
         notes.append(f"the Trainer's warmup ramps from 0, not from the reference rate {plan.warmup.start_lr:g}")
     notes.extend(_warmup_notes(plan))
@@ -75,10 +95,12 @@ def hf_training_arguments(plan: Plan) -> Export:
 
 def lightning_config(plan: Plan) -> Export:
     """A LightningCLI config (`fit --config plan.yaml`); its trainer block is also Trainer(**kwargs)."""
-    lines = ["trainer:"] + [
-        f"  {name}: {value}" for name, value in
-        (("accumulate_grad_batches", plan.accumulation_steps), ("devices", plan.gpus_per_node), ("num_nodes", plan.nodes))
+    settings: list[tuple[str, object]] = [
+        ("accumulate_grad_batches", plan.accumulation_steps), ("devices", plan.gpus_per_node), ("num_nodes", plan.nodes)
     ]
+    if plan.strategy in _LIGHTNING_STRATEGY:
+        settings.append(("strategy", _LIGHTNING_STRATEGY[plan.strategy]))
+    lines = ["trainer:"] + [f"  {name}: {value}" for name, value in settings]
     notes = [f"Lightning takes the micro-batch from your DataLoader: batch_size={plan.micro_batch}"]
     if plan.learning_rate is not None:
         notes.append(f"and the learning rate from your configure_optimizers: lr={plan.learning_rate.value:g}")

@@ -16,13 +16,14 @@ from typing import Any, Sequence
 
 from bsplan.errors import BadInput
 from bsplan.gpus import find_gpu
-from bsplan.memory import cuda_overheads, predict
+from bsplan.memory import MemoryLine, cuda_overheads, predict
 from bsplan.result import LAST_PROBE, SAME_THROUGHPUT
 from bsplan.saved import SavedProbe, load_probe
 from bsplan.scaling import (
     ADAM_FAMILY, GOYAL, LAMB, LARS, MA_YARATS, OPTIMIZERS, SCALINGS, WU_HE,
     LearningRate, Schedule, Warmup, adam_warmup_steps, choose_warmup, scale_learning_rate,
 )
+from bsplan.strategies import BY_SIMPLICITY, SHARDED_PARAMETERS, SINGLE, STRATEGIES, Layout, per_device_line
 from bsplan.units import format_bytes
 
 PLAN_SCHEMA = "bsplan.plan/1"
@@ -56,6 +57,8 @@ class PlanOptions:
     epochs: float | None = None
     batchnorm: bool | None = None  # None: as the probe found, else False
     gpu: str | None = None  # a catalogue GPU: the limit is estimated for it from the probe's memory line
+    strategy: str = "none"  # a data-parallel strategy the limit is recomputed for, "auto" to compare them all
+    bucket_view: bool = False  # DDP's gradient_as_bucket_view
 
     def __post_init__(self) -> None:
         """Each bad option refused with one sentence, before anything is computed."""
@@ -80,6 +83,15 @@ class PlanOptions:
             raise BadInput("--epochs needs --dataset-size to count the optimizer steps")
         if self.gpu is not None and self.max_micro is not None:
             raise BadInput("--gpu estimates the limit from a probe and --max-micro gives it: give one of them")
+        self._check_strategy()
+
+    def _check_strategy(self) -> None:
+        if self.strategy not in (*STRATEGIES, "auto"):
+            raise BadInput(f"unknown --strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}, auto")
+        if self.strategy != "none" and self.max_micro is not None:
+            raise BadInput("--strategy recomputes the limit from a probe's memory breakdown and --max-micro gives it: give one of them")
+        if self.bucket_view and self.strategy not in ("ddp", "auto"):
+            raise BadInput("--bucket-view is DDP's gradient_as_bucket_view: it goes with --strategy ddp (or auto)")
 
     def _check_warmup(self) -> None:
         given = [v for v in (self.warmup_steps, self.warmup_epochs, self.warmup_ratio) if v is not None]
@@ -123,10 +135,24 @@ class Limit:
     source: str | None  # "--max-micro", or the probe's "recommended_batch" or "max_batch"
     probe: SavedProbe | None  # the probe read (--from, or the last one saved here): timings and BatchNorm
     gpu: str | None = None  # the catalogue GPU the limit was estimated for (--gpu), from the probe's memory line
+    strategy: str | None = None  # the strategy the limit was recomputed for (--strategy); None: as the probe ran
 
     def to_dict(self) -> dict[str, Any]:
         probe = None if self.probe is None else self.probe.to_dict()
-        return {"micro_batch": self.micro_batch, "source": self.source, "probe": probe, "gpu": self.gpu}
+        return {"micro_batch": self.micro_batch, "source": self.source, "probe": probe, "gpu": self.gpu, "strategy": self.strategy}
+
+
+@dataclass(frozen=True)
+class StrategyOption:
+    """One strategy under `--strategy auto`: its per-device limit and the split with the fewest steps."""
+
+    strategy: str
+    max_micro_batch: int | None  # None: not even batch 1 fits
+    micro_batch: int | None  # None: no exact split within the limit
+    accumulation_steps: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -156,6 +182,8 @@ class Plan:
     schedule: Schedule | None
     warnings: tuple[PlanWarning, ...] = field(default_factory=tuple)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    strategy: str = "none"  # --strategy, or the one --strategy auto recommends
+    strategies: tuple[StrategyOption, ...] = ()  # with --strategy auto: every strategy, simplest first
 
     @property
     def world_size(self) -> int:
@@ -191,6 +219,8 @@ class Plan:
             "steps_per_epoch": None if self.schedule is None else self.schedule.steps_per_epoch,
             "total_steps": None if self.schedule is None else self.schedule.total_steps,
             "alternatives": [split.to_dict() for split in self.alternatives],
+            "strategy": self.strategy,
+            "strategies": [option.to_dict() for option in self.strategies],
             "warnings": [warning.to_dict() for warning in self.warnings],
             "notes": list(self.notes),
         }
@@ -291,28 +321,44 @@ def _timed_split(micro: int, accumulation: int, points: list[tuple[int, float]])
     return Split(micro, accumulation, accumulation * micro * per_sample, timing)
 
 
-def resolve_limit(options: PlanOptions, cwd: Path = Path(".")) -> tuple[Limit, list[str]]:
-    """--max-micro wins; else the probe named by --from; else the last probe saved in cwd; else none.
-    A saved probe is read implicitly only when no limit was given, so a stale one cannot override it.
-    With --gpu the probe's limit is replaced by one estimated for that GPU from its memory line."""
+class _NothingFits(BadInput):
+    """Not even batch 1 fits one device: under `--strategy auto` that strategy's row, else the error."""
+
+
+def _saved_probe(options: PlanOptions, cwd: Path) -> SavedProbe | None:
+    """The probe named by --from; else the last one saved in cwd, read only when no --max-micro gives
+    the limit, so a stale probe cannot override it."""
     probe = None if options.probe_file is None else load_probe(options.probe_file)
     if probe is None and options.max_micro is None and (cwd / LAST_PROBE).is_file():
         probe = load_probe(cwd / LAST_PROBE)
+    return probe
+
+
+def resolve_limit(options: PlanOptions, cwd: Path = Path(".")) -> tuple[Limit, list[str]]:
+    """--max-micro wins; else the probe named by --from; else the last probe saved in cwd; else none.
+    With --strategy the probe's limit is recomputed for that strategy at this world size, and with
+    --gpu it is estimated for that GPU from the probe's memory line."""
+    probe = _saved_probe(options, cwd)
     if options.max_micro is not None:
         return Limit(options.max_micro, "--max-micro", probe), []
     if probe is None and options.gpu is not None:
         raise BadInput("--gpu scales a probe's memory to that GPU: run `bsplan probe MODEL.py` here first, or pass --from FILE")
+    if probe is None and options.strategy != "none":
+        raise BadInput("--strategy recomputes the limit from a probe's memory breakdown: run `bsplan probe MODEL.py` here "
+                       "first, or pass --from FILE (a saved probe or estimate)")
     if probe is None:
         return Limit(None, None, None), []
+    if options.strategy != "none":
+        return strategy_limit(probe, options, options.strategy)
+    notes = [] if probe.layout == SINGLE else [
+        f"{probe.describe()} ran under {probe.layout.describe()}, and its limit is per device under that: give --strategy "
+        f"{probe.layout.strategy} to recompute it for {options.world_size} devices"]
     if options.gpu is not None:
-        return _gpu_limit(probe, options.gpu, options)
+        limit, gpu_notes = _gpu_limit(probe, options.gpu, options, probe.memory)
+        return limit, notes + gpu_notes
     if probe.max_batch is None:
         raise BadInput(f"{probe.describe()} found no batch that fits, so it gives no per-device limit: fix the probe or give --max-micro")
-    notes = []
-    if probe.capped_at is not None:
-        notes.append(f"every batch up to the probe's --max-batch {probe.capped_at} fitted: the true limit may be higher")
-    if probe.device_type == "cpu":
-        notes.append("the probe ran on the CPU: its limit and timings carry over to a GPU only as far as its memory limit and speed match")
+    notes.extend(_probe_notes(probe))
     wanted = probe.max_batch if options.use == "max" else probe.recommended_batch
     if wanted is None:
         notes.append("the probe has no recommended_batch, so its max_batch is the limit")
@@ -320,19 +366,27 @@ def resolve_limit(options: PlanOptions, cwd: Path = Path(".")) -> tuple[Limit, l
     return Limit(wanted, "max_batch" if options.use == "max" else "recommended_batch", probe), notes
 
 
-def _gpu_limit(probe: SavedProbe, gpu_name: str, options: PlanOptions) -> tuple[Limit, list[str]]:
-    """The limit on a catalogue GPU, from the probe's line of peak over batch plus that GPU's CUDA
-    overheads (memory.py; the same arithmetic as `bsplan estimate`)."""
+def _probe_notes(probe: SavedProbe) -> list[str]:
+    notes = []
+    if probe.capped_at is not None:
+        notes.append(f"every batch up to the probe's --max-batch {probe.capped_at} fitted: the true limit may be higher")
+    if probe.device_type == "cpu":
+        notes.append("the probe ran on the CPU: its limit and timings carry over to a GPU only as far as its memory limit and speed match")
+    return notes
+
+
+def _gpu_limit(probe: SavedProbe, gpu_name: str, options: PlanOptions, line: MemoryLine | None) -> tuple[Limit, list[str]]:
+    """The limit on a catalogue GPU, from a line of peak over batch (the probe's, or the one for a
+    strategy) plus that GPU's CUDA overheads (memory.py; the same arithmetic as `bsplan estimate`)."""
     gpu = find_gpu(gpu_name)
-    if probe.memory is None:
+    if line is None:
         raise BadInput(f"{probe.describe()} has fewer than two fitting batches, so no memory per sample to scale to {gpu.key}")
     overheads = cuda_overheads(gpu.compute_capability, train=probe.mode == "train", workspaces_measured=probe.device_type == "cuda")
     share = max(1, options.global_batch // options.world_size)  # no micro-batch exceeds a device's share
-    prediction = predict(probe.memory, gpu.memory_bytes, overheads, probe.headroom, cap=share)
+    prediction = predict(line, gpu.memory_bytes, overheads, probe.headroom, cap=share)
     if prediction.max_batch is None:
-        raise BadInput(f"by {probe.describe()}, not even batch 1 fits on {gpu.key} ({format_bytes(gpu.memory_bytes)}): "
+        raise _NothingFits(f"by {probe.describe()}, not even batch 1 fits on {gpu.key} ({format_bytes(gpu.memory_bytes)}): "
                        "shard the model state or use a larger GPU")
-    line = probe.memory
     notes = [f"the per-device limit is estimated for {gpu.key} ({format_bytes(gpu.memory_bytes)}) from {probe.describe()}: "
              f"{format_bytes(line.base_bytes)} + {format_bytes(line.per_sample_bytes)} per sample, plus "
              f"{format_bytes(overheads.total_bytes)} of CUDA overheads (docs/estimate.md)"]
@@ -343,9 +397,80 @@ def _gpu_limit(probe: SavedProbe, gpu_name: str, options: PlanOptions) -> tuple[
     return Limit(prediction.recommended_batch, "recommended_batch", probe, gpu.key), notes
 
 
+def strategy_limit(probe: SavedProbe, options: PlanOptions, strategy: str) -> tuple[Limit, list[str]]:
+    """The probe's limit recomputed for a strategy at the plan's world size: the fixed part of its line
+    moves by the model states the strategy keeps on a device (strategies.per_device_line). On the
+    probe's device its measured max_batch moves as far as the line's prediction moves, and the
+    recommended batch is the new line's within the headroom; with --gpu the new line is predicted there."""
+    if probe.memory is None or probe.states is None:
+        raise BadInput(f"{probe.describe()} has fewer than two fitting batches, so no memory line to recompute for {strategy}")
+    layout = Layout(strategy, options.world_size, options.bucket_view and strategy == "ddp")
+    line = per_device_line(probe.memory, probe.states, layout, probe.layout)
+    notes = [f"the per-device limit is recomputed for {layout.describe()} from {probe.describe()} (run under "
+             f"{probe.layout.describe()}): the fixed part of its peak, {format_bytes(probe.memory.base_bytes)}, becomes "
+             f"{format_bytes(line.base_bytes)} (docs/strategies.md)"]
+    if strategy in SHARDED_PARAMETERS and not probe.states.gathered_bytes and probe.layout.strategy not in SHARDED_PARAMETERS:
+        notes.append(f"the probe did not record the units {strategy} gathers whole, so they are not counted")
+    if options.gpu is not None:
+        limit, gpu_notes = _gpu_limit(probe, options.gpu, options, line)
+        return replace(limit, strategy=strategy), notes + gpu_notes
+    budget, most, recommended = probe.step_budget_bytes, probe.max_batch, probe.recommended_batch
+    if line.per_sample_bytes > 0 and most is not None:  # a flat line moves no limit
+        most += _within(line, budget) - _within(probe.memory, budget)
+        recommended = min(most, _within(line, (1 - probe.headroom) * budget))
+    if most is None or most < 1:
+        raise _NothingFits(f"by {probe.describe()}, not even batch 1 fits on one device under {layout.describe()}")
+    notes.extend(_probe_notes(probe))
+    if options.use == "max" or recommended is None or recommended < 1:
+        return Limit(most, "max_batch", probe, strategy=strategy), notes
+    return Limit(recommended - recommended % 8 if recommended >= 8 else recommended, "recommended_batch", probe,
+                 strategy=strategy), notes
+
+
+def _within(line: MemoryLine, budget_bytes: float) -> int:
+    """The largest batch a rising line keeps within a budget (below 1 where none does)."""
+    return math.floor((budget_bytes - line.base_bytes) / line.per_sample_bytes)
+
+
+def choose_strategy(options: PlanOptions, cwd: Path) -> tuple[Limit, list[str], tuple[StrategyOption, ...]]:
+    """`--strategy auto`: each strategy's limit at this world size and its split with the fewest
+    accumulation steps; the recommendation is the simplest (BY_SIMPLICITY) of those needing the fewest."""
+    probe = _saved_probe(options, cwd)
+    if probe is None:
+        raise BadInput("--strategy auto compares strategies from a probe's memory breakdown: run `bsplan probe MODEL.py` "
+                       "here first, or pass --from FILE (a saved probe or estimate)")
+    per_device, remainder = divmod(options.global_batch, options.world_size)
+    limits: dict[str, tuple[Limit, list[str]]] = {}
+    rows = []
+    for strategy in BY_SIMPLICITY:
+        try:
+            limits[strategy] = strategy_limit(probe, options, strategy)
+        except _NothingFits:
+            rows.append(StrategyOption(strategy, None, None, None))
+            continue
+        most = limits[strategy][0].micro_batch
+        micros = [] if remainder else micro_batches(per_device, most, options.multiple_of)
+        rows.append(StrategyOption(strategy, most, *((micros[0], per_device // micros[0]) if micros else (None, None))))
+    if not limits:
+        raise BadInput(f"by {probe.describe()}, not even batch 1 fits on one device under any strategy at {options.world_size} devices")
+    split = [row for row in rows if row.accumulation_steps is not None]
+    fewest = min((row.accumulation_steps for row in split), default=None)
+    # With no exact split anywhere, the roomiest strategy's decomposition explains why, naming the nearest targets.
+    chosen = next((row.strategy for row in split if row.accumulation_steps == fewest),
+                  max(limits, key=lambda name: limits[name][0].micro_batch or 0))
+    limit, notes = limits[chosen]
+    notes = [f"--strategy auto recommends {chosen}: the simplest of the strategies that need the fewest accumulation "
+             f"steps ({fewest}); simplest first: {', '.join(BY_SIMPLICITY)}", *notes]
+    return limit, notes, tuple(rows)
+
+
 def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
     """The whole plan: split, learning rate, warmup, schedule, warnings."""
-    limit, notes = resolve_limit(options, cwd)
+    strategies: tuple[StrategyOption, ...] = ()
+    if options.strategy == "auto":
+        limit, notes, strategies = choose_strategy(options, cwd)
+    else:
+        limit, notes = resolve_limit(options, cwd)
     probe = limit.probe
     world = options.world_size
     decomposition = decompose(
@@ -371,7 +496,8 @@ def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
         global_batch=options.global_batch, nodes=options.nodes, gpus_per_node=options.gpus_per_node,
         multiple_of=options.multiple_of, choice=decomposition.choice, alternatives=decomposition.alternatives,
         chosen_by=decomposition.chosen_by, limit=limit, optimizer=options.optimizer, learning_rate=learning_rate,
-        warmup=warmup, schedule=schedule, notes=tuple(notes),
+        warmup=warmup, schedule=schedule, notes=tuple(notes), strategy=limit.strategy or options.strategy,
+        strategies=strategies,
     )
     return replace(plan, warnings=tuple(plan_warnings(plan, options)))
 
@@ -381,7 +507,8 @@ def plan_warnings(plan: Plan, options: PlanOptions) -> list[PlanWarning]:
     warnings = _limit_warnings(plan.limit)
     probe = plan.limit.probe
     micro, world = plan.micro_batch, plan.world_size
-    if probe is not None and plan.limit.gpu is None and probe.max_batch is not None and micro > probe.max_batch:
+    recomputed = plan.limit.gpu is not None or plan.limit.strategy is not None
+    if probe is not None and not recomputed and probe.max_batch is not None and micro > probe.max_batch:
         warnings.append(PlanWarning(
             "above-probed-max", f"lower --max-micro to at most {probe.max_batch}",
             f"micro-batch {micro} is above the largest batch that fitted in {probe.describe()} ({probe.max_batch})", None,

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 
-from bsplan.devices import Device, open_device
+from bsplan.devices import open_device
 from bsplan.errors import BadInput
 from bsplan.memory import fit_line
-from bsplan.result import SAME_THROUGHPUT, Breakdown, ModelInfo, ProbeResult, Trial
+from bsplan.result import SAME_THROUGHPUT, Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
 from bsplan.search import SearchOutcome, find_max_batch
+from bsplan.strategies import gathered_bytes
 from bsplan.trial import TrialRunner
 from bsplan.units import format_bytes, parse_size
-from bsplan.workload import load_workload
+from bsplan.workload import Workload, load_workload
 
 DEFAULT_MAX_BATCH = 65536
+STRATEGIES = ("none", "ddp", "fsdp")
 
 # Optimizer state tensors per parameter, for the breakdown when no optimizer step completed
 # (PyTorch's torch/optim sources: Adam-family keep exp_avg and exp_avg_sq; SGD keeps a momentum buffer).
@@ -43,6 +45,10 @@ class ProbeOptions:
     multiple_of: int = 1
     headroom: float = 0.1
     search: str = "predict"  # "predict": aim at the boundary from the trials' peaks; "bisect": double, then bisect
+    nproc: int = 1  # local processes, one per device (bsplan/distributed.py)
+    strategy: str = "none"  # "none" (one plain process), "ddp" or "fsdp"
+    bucket_view: bool = False  # DDP's gradient_as_bucket_view
+    timeout: float = 300.0  # seconds a rank may take for one trial (or to start) before the probe stops
 
     @classmethod
     def checked(cls, *, memory_limit: str | None, max_batch: int | None, **values: object) -> ProbeOptions:
@@ -62,43 +68,120 @@ class ProbeOptions:
             raise BadInput(f"no multiple of {options.multiple_of} lies between --min-batch and --max-batch")
         if not 0 <= options.headroom < 1:
             raise BadInput("--headroom must be a fraction from 0 up to (not including) 1, e.g. 0.1")
+        if options.nproc < 1:
+            raise BadInput("--nproc must be at least 1")
+        if options.strategy not in STRATEGIES:
+            raise BadInput(f"unknown --strategy {options.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if options.nproc > 1 and options.strategy == "none":
+            raise BadInput("--nproc above 1 needs a --strategy (ddp or fsdp): processes without one share nothing")
+        if options.bucket_view and options.strategy != "ddp":
+            raise BadInput("--bucket-view is DDP's gradient_as_bucket_view: it goes with --strategy ddp")
+        if options.timeout <= 0:
+            raise BadInput("--timeout must be more than 0 seconds")
         return options
+
+
+class TrialSource(Protocol):
+    """Where trials run: this process (LocalTrials) or N processes under a strategy (World)."""
+
+    device: DeviceInfo
+    notes: list[str]
+    trials: list[Trial]
+
+    def __call__(self, batch: int) -> Trial: ...
+    def static(self) -> Static: ...
+
+
+@dataclass(frozen=True)
+class Static:
+    """What a trial source knows of its model on one device, beyond the trials."""
+
+    model: ModelInfo
+    parameter_bytes: int  # this device's (its shard under FSDP)
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    optimizer_state_measured: bool  # False: estimated from the optimizer type (no step completed)
+    bucket_bytes: int = 0  # what wrapping the model allocated: DDP's gradient buckets
+    leaked_bytes: int = 0  # what a failed trial left behind (should stay 0)
+    gathered_bytes: int = 0  # what FSDP would hold unsharded at once (strategies.gathered_bytes)
+
+
+class LocalTrials:
+    """Trials in this process: the model built once on the device, every tensor counted on the CPU.
+    `wrap` applies a data-parallel strategy (bsplan/distributed.py) after the model is built."""
+
+    def __init__(self, workload: Workload, options: ProbeOptions, device_spec: str | None = None,
+                 wrap: Callable[[torch.nn.Module, torch.device], torch.nn.Module] | None = None) -> None:
+        self.workload, self.options, self.wrap = workload, options, wrap
+        self.device_backend = open_device(options.device if device_spec is None else device_spec, options.memory_limit)
+        self.device = self.device_backend.info
+        self.notes = list(self.device_backend.notes)
+        self.trials: list[Trial] = []
+
+    def __enter__(self) -> LocalTrials:
+        backend, options = self.device_backend, self.options
+        self._tracking = backend.tracking()
+        self._tracking.__enter__()
+        model = self.workload.build_model().to(backend.torch_device)
+        model.train(options.mode == "train")
+        self._plain = model
+        before = backend.current_bytes()
+        if self.wrap is not None:
+            model = self.wrap(model, backend.torch_device)
+        self.bucket_bytes = max(0, backend.current_bytes() - before)  # what the wrapper allocated
+        self.runner = TrialRunner(self.workload, model, backend, steps=options.steps, precision=options.precision, mode=options.mode)
+        self.trials = self.runner.trials
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tracking.__exit__(*exc)
+
+    def __call__(self, batch: int) -> Trial:
+        return self.runner(batch)
+
+    def static(self) -> Static:
+        static = measure_static(self.workload, self._plain, self.runner, self.options.mode, self.bucket_bytes)
+        if self.options.bucket_view:  # the gradients live in DDP's buckets: no second copy
+            static = replace(static, bucket_bytes=max(0, static.bucket_bytes - static.gradient_bytes))
+        return static
 
 
 def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> ProbeResult:
     """Find the largest batch that fits. Ctrl-C returns what was measured so far (interrupted)."""
     workload = load_workload(model_file)
-    device = open_device(options.device, options.memory_limit)
-    for note in device.notes:
-        progress.note(note)
-    with device.tracking():
-        model = workload.build_model().to(device.torch_device)
-        model.train(options.mode == "train")
-        runner = TrialRunner(workload, model, device, steps=options.steps, precision=options.precision, mode=options.mode)
+    if options.strategy == "none":
+        source: TrialSource = LocalTrials(workload, options)
+    else:
+        from bsplan.distributed import World  # torch.distributed only where it is used
+
+        source = World(model_file, options)
+    with source:  # type: ignore[attr-defined]
+        for note in source.notes:
+            progress.note(note)
 
         def run(batch: int) -> Trial:
             progress.started(batch)
-            trial = runner(batch)
+            trial = source(batch)
             progress.finished(trial)
             return trial
 
         interrupted = False
         try:
-            outcome = _search(run, options, device)
+            outcome = _search(run, options, source.device)
         except KeyboardInterrupt:
             interrupted = True
             progress.note("interrupted: reporting the trials measured so far")
-            outcome = _outcome_of(runner.trials)
-        breakdown = measure_breakdown(model, runner, options.mode)
-    return _result(workload.name, model, device, options, runner, outcome, breakdown, interrupted)
+            outcome = _outcome_of(source.trials)
+        static = source.static()
+    return _result(source, static, options, outcome, interrupted)
 
 
-def _search(run: Callable[[int], Trial], options: ProbeOptions, device: Device) -> SearchOutcome:
+def _search(run: Callable[[int], Trial], options: ProbeOptions, device: DeviceInfo) -> SearchOutcome:
     """The search; under a limit from outside the process the largest fit is checked again, and
     the search goes on below it while the re-check fails (the edge is a band)."""
-    limit = device.info.total_bytes if options.search == "predict" else None
+    limit = device.total_bytes if options.search == "predict" else None
     outcome = find_max_batch(run, options.min_batch, options.max_batch, options.multiple_of, limit)
-    while not device.info.exact and outcome.max_fit is not None and not run(outcome.max_fit).fits:
+    while not device.exact and outcome.max_fit is not None and not run(outcome.max_fit).fits:
         below = outcome.max_fit - options.multiple_of
         if below < options.min_batch:
             return SearchOutcome(None, outcome.max_fit, capped=False)
@@ -112,25 +195,56 @@ def _outcome_of(trials: list[Trial]) -> SearchOutcome:
     return SearchOutcome(max(fitted, default=None), min(failed, default=None), capped=False)
 
 
-def measure_breakdown(model: torch.nn.Module, runner: TrialRunner, mode: str) -> Breakdown:
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+def measure_static(
+    workload: Workload, model: torch.nn.Module, runner: TrialRunner, mode: str, bucket_bytes: int = 0
+) -> Static:
+    """Parameters, gradients and optimizer state on this device (a shard's under FSDP)."""
+    local = [_local(p) for p in model.parameters()]
+    parameter_bytes = sum(p.numel() * p.element_size() for p in local)
+    trainable_bytes = sum(p.numel() * p.element_size() for p, q in zip(local, model.parameters()) if q.requires_grad)
     train = mode == "train"
     state, measured = runner.optimizer_state_bytes, True
     if state is None:
         measured = False
         state = 0
         if train:
-            kind = type(runner.workload.optimizer(model.parameters())).__name__
+            kind = type(workload.optimizer(model.parameters())).__name__
             state = _STATE_PER_PARAMETER.get(kind, 0) * trainable_bytes
-    static = parameter_bytes + (trainable_bytes if train else 0) + state
-    return Breakdown(
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return Static(
+        model=ModelInfo(workload.name, sum(p.numel() for p in model.parameters()), has_batchnorm),
         parameter_bytes=parameter_bytes,
         gradient_bytes=trainable_bytes if train else 0,
         optimizer_state_bytes=state,
         optimizer_state_measured=measured,
-        activation_bytes_per_sample=_per_sample(runner.trials, static),
+        bucket_bytes=bucket_bytes,
+        leaked_bytes=runner.leaked_bytes,
+        gathered_bytes=gathered_bytes(model),
     )
+
+
+def breakdown_of(static: Static, trials: list[Trial]) -> Breakdown:
+    """The memory breakdown: the static parts, and the bytes each sample adds from the trials."""
+    parts = (static.parameter_bytes, static.gradient_bytes, static.optimizer_state_bytes, static.bucket_bytes)
+    return Breakdown(
+        parameter_bytes=static.parameter_bytes,
+        gradient_bytes=static.gradient_bytes,
+        optimizer_state_bytes=static.optimizer_state_bytes,
+        optimizer_state_measured=static.optimizer_state_measured,
+        activation_bytes_per_sample=_per_sample(trials, sum(parts)),
+        bucket_bytes=static.bucket_bytes,
+        gathered_bytes=static.gathered_bytes,
+    )
+
+
+def measure_breakdown(workload: Workload, model: torch.nn.Module, runner: TrialRunner, mode: str) -> Breakdown:
+    return breakdown_of(measure_static(workload, model, runner, mode), runner.trials)
+
+
+def _local(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter's tensor on this device: an FSDP DTensor's shard, else the parameter."""
+    to_local = getattr(parameter, "to_local", None)
+    return to_local() if callable(to_local) else parameter
 
 
 def _line(trials: list[Trial]) -> tuple[float, float] | None:
@@ -164,21 +278,18 @@ def _recommended(trials: list[Trial], max_batch: int | None, budget: float) -> i
     return best or None
 
 
-def _result(
-    name: str, model: torch.nn.Module, device: Device, options: ProbeOptions, runner: TrialRunner,
-    outcome: SearchOutcome, breakdown: Breakdown, interrupted: bool,
-) -> ProbeResult:
-    trials = runner.trials
+def _result(source: TrialSource, static: Static, options: ProbeOptions, outcome: SearchOutcome, interrupted: bool) -> ProbeResult:
+    trials, device = source.trials, source.device
+    breakdown = breakdown_of(static, trials)
     peak = next((t.peak_bytes for t in reversed(trials) if t.fits and t.batch == outcome.max_fit), None)
-    notes = list(device.notes)
-    if runner.leaked_bytes > 0:
-        notes.append(f"a failed trial left {format_bytes(runner.leaked_bytes)} allocated: later trials had less memory")
+    notes = list(source.notes)
+    if static.leaked_bytes > 0:
+        notes.append(f"a failed trial left {format_bytes(static.leaked_bytes)} allocated: later trials had less memory")
     if outcome.max_fit is None and not interrupted:
-        notes.append(_no_fit_message(outcome.first_fail, breakdown, device.info.total_bytes))
-    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        notes.append(_no_fit_message(outcome.first_fail, breakdown, device.total_bytes))
     return ProbeResult(
-        model=ModelInfo(name, sum(p.numel() for p in model.parameters()), has_batchnorm),
-        device=device.info,
+        model=static.model,
+        device=device,
         mode=options.mode,
         precision=options.precision,
         steps=options.steps,
@@ -186,7 +297,7 @@ def _result(
         headroom=options.headroom,
         max_batch=outcome.max_fit,
         first_oom_batch=outcome.first_fail,
-        recommended_batch=_recommended(trials, outcome.max_fit, (1 - options.headroom) * device.info.total_bytes),
+        recommended_batch=_recommended(trials, outcome.max_fit, (1 - options.headroom) * device.total_bytes),
         peak_bytes=peak,
         breakdown=breakdown,
         trials=trials,
@@ -194,6 +305,9 @@ def _result(
         capped_at=options.max_batch if outcome.capped else None,
         interrupted=interrupted,
         notes=notes,
+        world_size=options.nproc,
+        strategy=options.strategy,
+        bucket_view=options.bucket_view,
     )
 
 

@@ -121,6 +121,8 @@ def show_plan(console: Console, plan: Plan) -> None:
         ("micro-batch per device", str(plan.micro_batch)),
         ("accumulation steps", str(plan.accumulation_steps)),
         ("devices", f"{world} ({plan.nodes} node{'s' if plan.nodes > 1 else ''} x {plan.gpus_per_node})"),
+        *([("strategy", plan.strategy + (" (recommended by --strategy auto)" if plan.strategies else ""))]
+          if plan.strategy != "none" else []),
         ("per-device limit", _limit_text(plan.limit)),
         ("chosen by", plan.chosen_by + (f": {_seconds_text(plan.choice)}" if plan.choice.seconds_per_step else "")),
         ("optimizer", plan.optimizer),
@@ -134,6 +136,14 @@ def show_plan(console: Console, plan: Plan) -> None:
         summary.add_row(name, Text(value))
     console.print(summary)
 
+    if plan.strategies:
+        compared = Table(title=f"strategies on {world} devices, simplest first", title_justify="left")
+        for name in ("strategy", "largest micro-batch", "micro-batch", "accumulation steps"):
+            compared.add_column(name, justify="left" if name == "strategy" else "right")
+        for option in plan.strategies:
+            cells = (option.max_micro_batch, option.micro_batch, option.accumulation_steps)
+            compared.add_row(option.strategy, *("-" if cell is None else str(cell) for cell in cells))
+        console.print(compared)
     if plan.alternatives:
         timed = plan.choice.seconds_per_step is not None
         others = Table(title="runners-up", title_justify="left")
@@ -163,8 +173,11 @@ def _limit_text(limit: Limit) -> str:
         return f"{limit.micro_batch} ({limit.source})"
     if limit.source == "--max-micro":
         return f"{limit.micro_batch} (--max-micro); timings and BatchNorm from {probe.describe()}"
+    recomputed = "" if limit.strategy is None else f" recomputed for {limit.strategy}"
     if limit.gpu is not None:
-        return f"{limit.micro_batch}: {limit.source} estimated for {limit.gpu} from {probe.describe()}"
+        return f"{limit.micro_batch}: {limit.source}{recomputed} estimated for {limit.gpu} from {probe.describe()}"
+    if limit.strategy is not None:
+        return f"{limit.micro_batch}: {limit.source}{recomputed} from {probe.describe()}"
     other = "" if limit.source == "max_batch" else f"; --use max for its max_batch {probe.max_batch}"
     return f"{limit.micro_batch}: {limit.source} of {probe.describe()}{other}"
 
@@ -195,7 +208,8 @@ def _warmup_text(plan: Plan) -> str:
 
 if TYPE_CHECKING:
     from bsplan.nvml import Gpu, GpuReport
-    from bsplan.result import EstimateResult
+    from bsplan.result import EstimateResult, StatesEstimate
+    from bsplan.strategies import DeviceStates
 
 
 def show_gpus(console: Console, report: GpuReport) -> None:
@@ -246,12 +260,16 @@ def show_estimate(console: Console, result: EstimateResult) -> None:
     summary.add_column()
     summary.add_row("device", Text(f"{device.name}, {format_bytes(device.total_bytes)} ({device.limit_source})"))
     summary.add_row("mode / precision", f"{result.mode}, {result.precision}")
+    if result.per_device is not None and result.per_device.layout.strategy != "none":
+        summary.add_row("strategy", f"{result.per_device.layout.describe()}: every number is per device")
     summary.add_row("max batch (estimated)", "none fits" if result.max_batch is None else str(result.max_batch))
     if result.capped_at is not None:
         summary.add_row("", f"the prediction reaches the cap {result.capped_at} (raise --max-batch)")
     summary.add_row(f"recommended ({result.headroom:.0%} headroom)", str(result.recommended_batch or "-"))
     summary.add_row("predicted peak at max batch", format_bytes(result.peak_bytes))
     _add_breakdown(summary, result.breakdown)
+    if result.per_device is not None and result.per_device.layout.strategy != "none":
+        summary.add_row("model states per device", _states_text(result.per_device))
     summary.add_row("fixed part of the peak", format_bytes(result.fit.base_bytes))
     if overheads.total_bytes:
         summary.add_row("CUDA context and driver", format_bytes(overheads.cuda_context_bytes))
@@ -261,5 +279,37 @@ def show_estimate(console: Console, result: EstimateResult) -> None:
         summary.add_row("CUDA overheads", "none: a --memory budget counts tensor bytes, like probe --memory-limit")
     console.print(summary)
     console.print(_trials_table("measured on the CPU", result.trials))
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
+
+
+def _states_text(states: DeviceStates) -> str:
+    parts = [(states.parameter_bytes, "parameters"), (states.gradient_bytes, "gradients"),
+             (states.optimizer_state_bytes, "optimizer state"), (states.bucket_bytes, "DDP buckets"),
+             (states.gathered_bytes, "gathered units")]
+    shown = " + ".join(f"{format_bytes(size)} {name}" for size, name in parts if size)
+    decimal = f" ({states.static_bytes / 1e9:.3g} GB)" if states.static_bytes >= 1e9 else ""  # as the ZeRO paper counts
+    return f"{format_bytes(states.static_bytes)}{decimal} = {shown or 'nothing'}"
+
+
+def show_states(console: Console, result: StatesEstimate) -> None:
+    """Model states per device from a parameter count: the total first, then its parts and any batch."""
+    layout = result.per_device.layout
+    summary = Table(title=f"bsplan estimate: {result.parameters:,} parameters", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("optimizer / precision", f"{result.optimizer}, {result.precision}")
+    summary.add_row("strategy", layout.describe())
+    summary.add_row("model states per device", _states_text(result.per_device))
+    per_sample = result.activation_bytes_per_sample
+    summary.add_row("activations per sample", "not included" if per_sample is None else format_bytes(per_sample))
+    if result.device is not None:
+        device = result.device
+        summary.add_row("device", f"{device.name}, {format_bytes(device.total_bytes)} ({device.limit_source})")
+        summary.add_row("CUDA overheads", format_bytes(result.overheads.total_bytes))
+    if per_sample is not None and result.device is not None:
+        summary.add_row("max batch (estimated)", "none fits" if result.max_batch is None else str(result.max_batch))
+        summary.add_row(f"recommended ({result.headroom:.0%} headroom)", str(result.recommended_batch or "-"))
+    console.print(summary)
     for note in result.notes:
         console.print(f"note: {note}", markup=False, soft_wrap=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from bsplan.gpus import GpuModel
 from bsplan.memory import MemoryLine, Overheads
+from bsplan.strategies import DeviceStates
 
 PROBE_SCHEMA = "bsplan.probe/1"
 # Where `bsplan probe` saves its result for `bsplan plan` (relative to the working directory).
@@ -57,10 +58,14 @@ class Breakdown:
     optimizer_state_bytes: int
     optimizer_state_measured: bool  # False: estimated from the optimizer type (no step completed)
     activation_bytes_per_sample: float | None  # slope of peak over batch, None with no fitting trial
+    bucket_bytes: int = 0  # what the strategy's wrapper allocated: DDP's gradient buckets (0 in one process)
+    # What FSDP would hold unsharded at once (strategies.gathered_bytes): a fact of the model, not
+    # part of static_bytes; 0 where not measured.
+    gathered_bytes: int = 0
 
     @property
     def static_bytes(self) -> int:
-        return self.parameter_bytes + self.gradient_bytes + self.optimizer_state_bytes
+        return self.parameter_bytes + self.gradient_bytes + self.optimizer_state_bytes + self.bucket_bytes
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,9 @@ class ProbeResult:
     capped_at: int | None = None  # the --max-batch cap when every batch up to it fitted
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
+    world_size: int = 1  # processes (devices) the probe ran on; every number above is per device
+    strategy: str = "none"  # "none" (one plain process), "ddp" or "fsdp"
+    bucket_view: bool = False  # DDP ran with gradient_as_bucket_view=True
     schema: str = PROBE_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +131,8 @@ class EstimateResult:
     trials: tuple[Trial, ...]  # measured on the CPU
     capped_at: int | None = None  # the --max-batch cap, when the prediction reaches it
     notes: tuple[str, ...] = ()
+    # The model states on one device under --strategy (docs/strategies.md); fit is then that device's line.
+    per_device: DeviceStates | None = None
     estimated: bool = True
     schema: str = ESTIMATE_SCHEMA
 
@@ -130,4 +140,42 @@ class EstimateResult:
         data = dataclasses.asdict(self)
         data["breakdown"]["static_bytes"] = self.breakdown.static_bytes
         data["overheads"] = self.overheads.to_dict()
+        if self.per_device is not None:
+            data["per_device"] = self.per_device.to_dict()
+            data.update({key: data["per_device"][key] for key in ("strategy", "world_size", "bucket_view", "static_bytes")})
         return data
+
+
+STATES_SCHEMA = "bsplan.states/1"
+
+
+@dataclass(frozen=True)
+class StatesEstimate:
+    """`bsplan estimate --params`: the model states on one device from a parameter count alone (what
+    DeepSpeed's estimators count), and a largest batch only where activations and a budget are known."""
+
+    parameters: int
+    optimizer: str
+    precision: str
+    per_device: DeviceStates
+    activation_bytes_per_sample: float | None  # --activation-bytes-per-sample; None: activations left out
+    device: DeviceInfo | None  # the budget (--gpu or --memory), if any
+    overheads: Overheads
+    headroom: float
+    max_batch: int | None
+    recommended_batch: int | None
+    peak_bytes: int | None
+    notes: tuple[str, ...] = ()
+    schema: str = STATES_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        per_device = self.per_device.to_dict()
+        return {
+            "schema": self.schema, "parameters": self.parameters, "optimizer": self.optimizer, "precision": self.precision,
+            **{key: per_device[key] for key in ("strategy", "world_size", "static_bytes")},
+            "per_device": per_device, "activations_included": self.activation_bytes_per_sample is not None,
+            "activation_bytes_per_sample": self.activation_bytes_per_sample,
+            "device": None if self.device is None else dataclasses.asdict(self.device),
+            "overheads": self.overheads.to_dict(), "headroom": self.headroom, "max_batch": self.max_batch,
+            "recommended_batch": self.recommended_batch, "peak_bytes": self.peak_bytes, "notes": list(self.notes),
+        }

@@ -16,6 +16,7 @@ from typing import Any
 from bsplan.errors import BadInput
 from bsplan.memory import MemoryLine, fit_top
 from bsplan.result import ESTIMATE_SCHEMA, PROBE_SCHEMA
+from bsplan.strategies import SHARDED_PARAMETERS, SINGLE, STRATEGIES, Layout, ModelStates
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class SavedProbe:
     kind: str = "probe"  # or "estimate" (bsplan estimate --output)
     headroom: float = 0.1
     memory: MemoryLine | None = None  # peak over batch, for `plan --gpu`; None with fewer than two fitting batches
+    layout: Layout = SINGLE  # what memory and the limits are per device under (a strategy probe or estimate)
+    step_budget_bytes: int = 0  # what the limits left for a step on its device: its memory less CUDA overheads
+    states: ModelStates | None = None  # one whole replica's model states, for `plan --strategy`
 
     def to_dict(self) -> dict[str, str]:
         return {"file": self.path, "model": self.model_file, "device": self.device}
@@ -67,6 +71,7 @@ def load_probe(path: Path) -> SavedProbe:
 def _from_dict(path: str, data: dict[str, Any]) -> SavedProbe:
     fitting = [trial for trial in data["trials"] if trial["fits"]]
     estimated = data["schema"] == ESTIMATE_SCHEMA
+    layout = _layout(data)
     if estimated:  # its trials ran on the CPU, not on the device it predicts for: no timings to plan with
         throughput: list[tuple[int, float]] = []
         memory = MemoryLine(float(data["fit"]["base_bytes"]), float(data["fit"]["per_sample_bytes"]))
@@ -88,7 +93,29 @@ def _from_dict(path: str, data: dict[str, Any]) -> SavedProbe:
         kind="estimate" if estimated else "probe",
         headroom=float(data["headroom"]),
         memory=memory,
+        layout=layout,
+        step_budget_bytes=int(data["device"]["total_bytes"]) - int(data.get("overheads", {}).get("total_bytes", 0)),
+        states=_replica_states(data["breakdown"], layout, sharded=not estimated),
     )
+
+
+def _layout(data: dict[str, Any]) -> Layout:
+    """The layout a probe ran under (`probe --nproc N --strategy S`) or an estimate predicted for;
+    files from before strategies have none."""
+    strategy = str(data.get("strategy", "none"))
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    return Layout(strategy, int(data.get("world_size", 1)), bool(data.get("bucket_view", False)))
+
+
+def _replica_states(breakdown: dict[str, Any], layout: Layout, sharded: bool) -> ModelStates:
+    """A whole replica's states: a strategy probe's breakdown is per device, a shard under FSDP (an
+    estimate's is measured in one process). DDP's buckets are as measured, else one more copy of the
+    gradients."""
+    shards = layout.world_size if sharded and layout.strategy in SHARDED_PARAMETERS else 1
+    parameters, gradients, state = (float(breakdown[key]) * shards for key in ("parameter_bytes", "gradient_bytes", "optimizer_state_bytes"))
+    buckets = float(breakdown.get("bucket_bytes") or 0) if layout.strategy == "ddp" else 0.0
+    return ModelStates(parameters, gradients, state, buckets or gradients, float(breakdown.get("gathered_bytes") or 0))
 
 
 def _optional_int(value: object) -> int | None:

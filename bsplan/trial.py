@@ -133,7 +133,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
+                to_local = getattr(value, "to_local", None)  # an FSDP DTensor's shard on this device
+                storage = (to_local() if callable(to_local) else value).untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
 

@@ -78,6 +78,10 @@ class Workload:
             raise BadInput(f"{where} in {self.name} must give a scalar loss tensor, got {_describe(loss)}")
         return loss
 
+    def shard_policy(self) -> Callable[[torch.nn.Module], Any] | None:
+        """The file's own `shard_model(model)` for FSDP (docs/model-file.md), when it defines one."""
+        return self._function("shard_model")
+
     def optimizer(self, parameters: Any) -> torch.optim.Optimizer:
         custom = self._function("build_optimizer")
         optimizer = custom(parameters) if custom else torch.optim.AdamW(parameters)
@@ -105,7 +109,7 @@ def load_workload(path: Path) -> Workload:
     for name in ("build_model", "make_batch"):
         if not callable(getattr(module, name, None)):
             raise BadInput(f"{path} does not define {name}(), which bsplan needs (see docs/model-file.md)")
-    for name in ("compute_loss", "build_optimizer"):
+    for name in ("compute_loss", "build_optimizer", "shard_model"):
         if hasattr(module, name) and not callable(getattr(module, name)):
             raise BadInput(f"{name} in {path} is not a function")
     return Workload(path, module)

@@ -17,7 +17,7 @@ from conftest import EXAMPLES, MODELS, bsplan
 PROBE_FIELDS = {
     "schema", "model", "device", "mode", "precision", "steps", "multiple_of", "headroom", "max_batch",
     "first_oom_batch", "recommended_batch", "peak_bytes", "breakdown", "trials", "capped_at", "interrupted", "notes",
-    "best_throughput_batch", "efficient_batch",
+    "best_throughput_batch", "efficient_batch", "world_size", "strategy", "bucket_view",
 }
 TRIAL_FIELDS = {
     "batch", "fits", "peak_bytes", "seconds", "samples_per_second", "error", "oom_evidence", "forward_peak_bytes", "step_peak_bytes",
@@ -35,8 +35,9 @@ def test_json_result_has_the_documented_fields_and_saves_for_plan(workdir: Path)
     assert data["device"] == {"name": "cpu", "type": "cpu", "total_bytes": 64 * 2**20, "limit_source": "--memory-limit", "exact": True}
     assert set(data["breakdown"]) == {
         "parameter_bytes", "gradient_bytes", "optimizer_state_bytes", "optimizer_state_measured",
-        "activation_bytes_per_sample", "static_bytes",
+        "activation_bytes_per_sample", "bucket_bytes", "gathered_bytes", "static_bytes",
     }
+    assert (data["world_size"], data["strategy"], data["breakdown"]["bucket_bytes"]) == (1, "none", 0)
     assert data["breakdown"]["optimizer_state_bytes"] == data["breakdown"]["parameter_bytes"]  # SGD momentum: one buffer
     assert data["model"]["has_batchnorm"] is True
     for trial in data["trials"]:

@@ -76,8 +76,9 @@ def test_the_cli_json_has_the_probe_fields_marked_estimated(workdir: Path) -> No
     assert data["device"]["type"] == "cuda" and data["gpu"]["key"] == "H100-SXM-80GB"
     assert set(data["breakdown"]) == {
         "parameter_bytes", "gradient_bytes", "optimizer_state_bytes", "optimizer_state_measured",
-        "activation_bytes_per_sample", "static_bytes",
+        "activation_bytes_per_sample", "bucket_bytes", "gathered_bytes", "static_bytes",
     }
+    assert (data["strategy"], data["world_size"], data["static_bytes"]) == ("none", 1, data["breakdown"]["static_bytes"])
     assert data["breakdown"]["optimizer_state_bytes"] == data["breakdown"]["parameter_bytes"]  # SGD momentum
     assert set(data["overheads"]) == {"cuda_context_bytes", "cublas_workspace_bytes", "allocator_reserve_bytes", "total_bytes"}
     assert [t["batch"] for t in data["trials"]] == [1, 2, 4, 8] and all(t["fits"] for t in data["trials"])

@@ -1,0 +1,222 @@
+"""Probing under data parallelism: N local processes, one device each, the model wrapped in DDP or
+FSDP2, the same trials and search as one process, measured per device.
+
+The parent process runs the search and is the only one that decides whether a trial fits: every
+rank runs the trial and reports to it over a pipe, and the batch fits only if it fitted on every
+rank. The agreement is not a collective between the ranks on purpose: a rank that runs out of
+memory mid-step leaves its peers inside DDP's or FSDP's own collectives, where a further
+collective would hang. So the first out-of-memory a rank reports ends the trial: the parent stops
+every rank and starts a fresh world for the next trial (a fresh process is also what the
+exactness checks compare against). A rank that does not answer within --timeout ends the probe
+with a clear error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import warnings
+from dataclasses import replace
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bsplan.errors import BadInput, BsplanError, UserCodeError
+from bsplan.probe import LocalTrials, ProbeOptions, Static
+from bsplan.result import DeviceInfo, Trial
+from bsplan.workload import Workload, load_workload, user_error
+
+
+class World:
+    """The ranks of a strategy probe, driven by the parent; a TrialSource for run_probe."""
+
+    def __init__(self, model_file: Path, options: ProbeOptions) -> None:
+        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and options.nproc > torch.cuda.device_count():
+            raise BadInput(f"--nproc {options.nproc} needs as many CUDA devices; this machine has {torch.cuda.device_count()}")
+        self.model_file, self.options = model_file, replace(options, device="cuda" if device.startswith("cuda") else "cpu")
+        self.trials: list[Trial] = []
+        self.notes: list[str] = []
+        self._ranks: list[tuple[Any, Connection]] = []
+        self._static: Static | None = None
+        self.device: DeviceInfo
+
+    def __enter__(self) -> World:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def static(self) -> Static:
+        assert self._static is not None
+        return self._static
+
+    def __call__(self, batch: int) -> Trial:
+        """One trial on every rank; fits only where it fitted on all of them."""
+        if not self._ranks:
+            self._start()
+        for _, connection in self._ranks:
+            connection.send(batch)
+        replies: dict[int, tuple[Trial, Static]] = {}
+        while len(replies) < len(self._ranks):
+            rank, reply = self._next_reply(f"batch {batch}")
+            trial, static = reply
+            if not trial.fits:  # one rank out of memory: the trial failed everywhere
+                self._stop()
+                failed = Trial(batch, False, None, trial.seconds, None, error=f"rank {rank}: {trial.error}",
+                               oom_evidence=trial.oom_evidence)
+                self.trials.append(failed)
+                return failed
+            replies[rank] = (trial, static)
+        self._static = replies[0][1]
+        per_rank = [trial for trial, _ in replies.values()]
+        combined = Trial(
+            batch, True, max(t.peak_bytes or 0 for t in per_rank), max(t.seconds for t in per_rank),
+            min(t.samples_per_second or 0.0 for t in per_rank),
+            forward_peak_bytes=max(t.forward_peak_bytes or 0 for t in per_rank),
+            step_peak_bytes=max(t.step_peak_bytes or 0 for t in per_rank),
+        )
+        self.trials.append(combined)
+        return combined
+
+    def _start(self) -> None:
+        """Start every rank and wait until each has built and wrapped its model."""
+        context = multiprocessing.get_context("spawn")
+        port = _free_port()
+        for rank in range(self.options.nproc):
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=_rank_main, args=(rank, port, self.model_file, self.options, theirs), daemon=True,
+                name=f"bsplan-rank-{rank}",
+            )
+            process.start()
+            theirs.close()
+            self._ranks.append((process, ours))
+        ready = {}
+        while len(ready) < len(self._ranks):
+            rank, reply = self._next_reply("starting")
+            ready[rank] = reply
+        self.device, self.notes, self._static = ready[0]
+
+    def _next_reply(self, doing: str) -> tuple[int, Any]:
+        """The next message from any rank; a rank's error, death or silence ends the probe."""
+        connections = {connection: rank for rank, (_, connection) in enumerate(self._ranks)}
+        ready = wait(list(connections), timeout=self.options.timeout)
+        if not ready:
+            self._stop()
+            raise BsplanError(
+                f"no rank answered within {self.options.timeout:.0f} s ({doing}): a rank may hang in a collective; "
+                "raise --timeout for a slow model"
+            )
+        connection = ready[0]
+        rank = connections[connection]  # type: ignore[index]
+        try:
+            kind, payload = connection.recv()  # type: ignore[union-attr]
+        except EOFError:
+            process = self._ranks[rank][0]
+            process.join(timeout=5)
+            self._stop()
+            raise BsplanError(f"rank {rank}'s process ended with exit code {process.exitcode} ({doing})") from None
+        if kind == "error":
+            self._stop()
+            error_kind, message, traceback_text = payload
+            message = f"rank {rank}: {message}"
+            if error_kind == "BadInput":
+                raise BadInput(message)
+            raise UserCodeError(message, traceback_text) if traceback_text else BsplanError(message)
+        return rank, payload
+
+    def _stop(self) -> None:
+        for process, connection in self._ranks:
+            connection.close()
+            process.terminate()
+        for process, _ in self._ranks:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._ranks = []
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _rank_main(rank: int, port: int, model_file: Path, options: ProbeOptions, connection: Connection) -> None:
+    """One rank: join the process group, build and wrap the model, run trials on request."""
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it reports, then stops the world
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(options.nproc))
+    cuda = options.device == "cuda"
+    try:
+        if cuda:
+            torch.cuda.set_device(rank)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=options.nproc,
+                                timeout=timedelta(seconds=options.timeout))
+        workload = load_workload(model_file)
+        with LocalTrials(workload, options, f"cuda:{rank}" if cuda else "cpu",
+                         lambda model, device: wrap(model, device, workload, options)) as trials:
+            connection.send(("ready", (trials.device, trials.notes, trials.static())))
+            while True:
+                batch = connection.recv()
+                trial = trials(batch)
+                connection.send(("trial", (trial, trials.static())))
+    except (EOFError, OSError):
+        pass  # the parent stopped this world
+    except BsplanError as error:
+        traceback_text = error.traceback_text if isinstance(error, UserCodeError) else ""
+        _send(connection, ("error", (type(error).__name__, str(error), traceback_text)))
+    except Exception as error:  # noqa: BLE001 - the user's code, reported with its traceback
+        failure = user_error(f"setting up rank {rank} of {model_file}", error)
+        _send(connection, ("error", ("UserCodeError", str(failure), failure.traceback_text)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _send(connection: Connection, message: Any) -> None:
+    try:
+        connection.send(message)
+    except (OSError, EOFError):
+        pass
+
+
+def wrap(model: torch.nn.Module, device: torch.device, workload: Workload, options: ProbeOptions) -> torch.nn.Module:
+    """The model as the strategy runs it: DDP with its defaults (or gradient_as_bucket_view), or
+    FSDP2's fully_shard on each submodule that holds parameters, then the root, unless the model
+    file defines its own shard_model(model)."""
+    if options.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=options.bucket_view)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    policy = workload.shard_policy()
+    if policy is not None:
+        policy(model)
+        return model
+    mesh = init_device_mesh(device.type, (options.nproc,))
+    # torch's MultiheadAttention reads out_proj.weight without calling out_proj, so out_proj's own
+    # unit would never be gathered: it stays in its parent's unit.
+    inside_attention = {
+        id(child) for attention in model.modules() if isinstance(attention, torch.nn.MultiheadAttention)
+        for child in attention.modules() if child is not attention
+    }
+    for module in reversed(list(model.modules())):  # children first: each unit takes what is left
+        holds_parameters = any(True for _ in module.parameters(recurse=False))
+        if module is not model and holds_parameters and id(module) not in inside_attention:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
