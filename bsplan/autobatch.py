@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from bsplan.cpumem import return_freed_memory
-from bsplan.oom import Failure, classify
+from bsplan.oom import Failure, classify, first_line
 from bsplan.workload import Batch
 
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -97,6 +97,7 @@ class AutoBatch:
         self.changes: list[MicroBatchChange] = []
         self._ceiling: int | None = None  # where the micro-batch started: growing back stops there
         self._fitted = 0  # the largest micro-batch a whole step has completed at, on every rank
+        self._completed_at = 0  # the micro-batch the last step completed at, since the last change (0: none)
         self._tentative = False  # an ambiguous error was taken as out-of-memory without evidence yet
         self._clean_steps = 0
 
@@ -118,6 +119,7 @@ class AutoBatch:
             self._shrink(model, micro, outcome)
         self._tentative = False
         self._fitted = max(self._fitted, micro)
+        self._completed_at = micro
         self.steps += 1
         self._grow(clean)
         return outcome
@@ -146,7 +148,9 @@ class AutoBatch:
         if ddp is not None:
             ddp.require_forward_param_sync = True  # buffers are broadcast at the first forward, on every rank alike
         pieces = split_batch(batch, micro)
-        overlap = ddp is not None and self.overlap_sync and micro <= self._fitted
+        # Overlap only at the size the last step completed at: the first step after any change
+        # (a shrink, or growing back to a size that once ran out of memory) takes the safe sync.
+        overlap = ddp is not None and self.overlap_sync and micro == self._completed_at
         losses = []
         for index, piece in enumerate(pieces):
             backward = not (overlap and index == len(pieces) - 1)
@@ -187,7 +191,7 @@ class AutoBatch:
         except Exception as error:  # noqa: BLE001 - classified right here
             if classify(error) is Failure.OTHER:
                 raise
-            failed = _first_line(error)
+            failed = first_line(error)
         else:
             return
         raise AutoBatchError(
@@ -206,7 +210,7 @@ class AutoBatch:
         smaller micro-batch before a step completes, it is raised as the user's error.
         """
         failure = classify(error)
-        message = _first_line(error)
+        message = first_line(error)
         if failure is Failure.OOM:
             return message
         if failure is Failure.AMBIGUOUS:
@@ -265,6 +269,7 @@ class AutoBatch:
 
     def _change(self, old: int, new: int, reason: str) -> None:
         self.micro_batch = new
+        self._completed_at = 0
         change = MicroBatchChange(self.steps, old, new, reason)
         self.changes.append(change)
         if self.on_change is not None:
@@ -316,7 +321,3 @@ def _collective_device(group: Any) -> torch.device:
     if "nccl" in backend and "gloo" not in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

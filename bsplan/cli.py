@@ -6,6 +6,7 @@ model, so `bsplan --help` and `bsplan plan` start fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -30,8 +31,8 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Find the exact largest batch your PyTorch training step fits, and plan global batches from it.",
 )
-stdout = Console(highlight=False)
-stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, markup=False)  # paths and messages may hold [brackets]
+stderr = Console(stderr=True, highlight=False, markup=False)
 
 EXIT_NO_FIT = 3
 
@@ -143,7 +144,8 @@ def probe(
             nproc=nproc, strategy=strategy.value if strategy else ("ddp" if nproc > 1 else "none"),
             bucket_view=bucket_view, timeout=timeout,
         )
-        result = run_probe(model_file, options, ProbeProgress(stderr))
+        with contextlib.redirect_stdout(sys.stderr):  # the model file's prints: stdout is the result's
+            result = run_probe(model_file, options, ProbeProgress(stderr))
     except BsplanError as error:
         _fail(error, json_out)
     data = result.to_dict()
@@ -320,7 +322,8 @@ def estimate(
             if states.device is not None and states.activation_bytes_per_sample is not None and states.max_batch is None:
                 raise typer.Exit(EXIT_NO_FIT)
             return
-        result = run_estimate(model_file, options, ProbeProgress(stderr))
+        with contextlib.redirect_stdout(sys.stderr):  # the model file's prints: stdout is the result's
+            result = run_estimate(model_file, options, ProbeProgress(stderr))
     except BsplanError as error:
         _fail(error, json_out)
     _emit(result.to_dict(), lambda console: show_estimate(console, result), json_out, output)

@@ -131,18 +131,19 @@ def host_limits() -> list[HostLimit]:
     return limits
 
 
-def return_freed_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise), so that the
-    next trial under an OS limit starts where the last one did."""
-    gc.collect()
+def trim_heap() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise), so that the next trial under an
+    OS limit starts where the last one did."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
-def describe(limits: list[HostLimit]) -> str:
-    return ", ".join(f"{limit.source} {format_bytes(limit.remaining_bytes)} left" for limit in limits)
+def return_freed_memory() -> None:
+    """Collect garbage (cycles through an exception's frames hold tensors), then trim the heap."""
+    gc.collect()
+    trim_heap()
 
 
 def _read_kib_fields(path: Path) -> dict[str, int]:

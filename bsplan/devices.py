@@ -8,13 +8,12 @@ synchronisation point for timing. Tests drive CudaDevice with a fake `torch.cuda
 from __future__ import annotations
 
 import contextlib
-import gc
 import re
 from typing import Any, Iterator, Protocol
 
 import torch
 
-from bsplan.cpumem import TensorBytesLimit, host_limits, return_freed_memory
+from bsplan.cpumem import TensorBytesLimit, host_limits, trim_heap
 from bsplan.errors import BadInput
 from bsplan.result import DeviceInfo
 from bsplan.units import format_bytes
@@ -29,7 +28,7 @@ class Device(Protocol):
     def reset_peak(self) -> None: ...
     def peak_bytes(self) -> int: ...
     def current_bytes(self) -> int: ...
-    def release(self) -> None: ...
+    def release(self) -> None: ...  # return freed memory to the device (CUDA's cache, the C heap)
     def synchronize(self) -> None: ...
 
 
@@ -65,7 +64,6 @@ class CudaDevice:
         return int(self.cuda.memory_allocated(self.index))
 
     def release(self) -> None:
-        gc.collect()
         self.cuda.synchronize(self.index)
         self.cuda.empty_cache()
 
@@ -117,7 +115,7 @@ class CpuDevice:
         return self._counter.current_bytes
 
     def release(self) -> None:
-        return_freed_memory()
+        trim_heap()
 
     def synchronize(self) -> None:
         """CPU kernels finish before they return."""

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bsplan.errors import BadInput, BsplanError, UserCodeError
+from bsplan.errors import BadInput, BsplanError, NoFit, UserCodeError
 from bsplan.probe import LocalTrials, ProbeOptions, Static
 from bsplan.result import DeviceInfo, Trial
 from bsplan.workload import Workload, load_workload, user_error
@@ -75,7 +75,8 @@ class World:
                 self.trials.append(failed)
                 return failed
             replies[rank] = (trial, static)
-        self._static = replies[0][1]
+        if self._static is None or not self._static.optimizer_state_measured or replies[0][1].optimizer_state_measured:
+            self._static = replies[0][1]  # a fresh world's unmeasured state never replaces a measured one
         per_rank = [trial for trial, _ in replies.values()]
         combined = Trial(
             batch, True, max(t.peak_bytes or 0 for t in per_rank), max(t.seconds for t in per_rank),
@@ -103,7 +104,9 @@ class World:
         while len(ready) < len(self._ranks):
             rank, reply = self._next_reply("starting")
             ready[rank] = reply
-        self.device, self.notes, self._static = ready[0]
+        self.device, self.notes, static = ready[0]
+        if self._static is None or not self._static.optimizer_state_measured:
+            self._static = static
 
     def _next_reply(self, doing: str) -> tuple[int, Any]:
         """The next message from any rank; a rank's error, death or silence ends the probe."""
@@ -128,9 +131,9 @@ class World:
             self._stop()
             error_kind, message, traceback_text = payload
             message = f"rank {rank}: {message}"
-            if error_kind == "BadInput":
-                raise BadInput(message)
-            raise UserCodeError(message, traceback_text) if traceback_text else BsplanError(message)
+            if traceback_text:
+                raise UserCodeError(message, traceback_text)
+            raise {"BadInput": BadInput, "NoFit": NoFit}.get(error_kind, BsplanError)(message)
         return rank, payload
 
     def _stop(self) -> None:
@@ -155,6 +158,7 @@ def _rank_main(rank: int, port: int, model_file: Path, options: ProbeOptions, co
     """One rank: join the process group, build and wrap the model, run trials on request."""
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it reports, then stops the world
+    os.dup2(2, 1)  # the model file's prints go to stderr: the parent's stdout carries only the result
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(options.nproc))
     cuda = options.device == "cuda"

@@ -1,4 +1,4 @@
-"""The three ways a command ends badly, each with its own exit code (see docs/cli.md)."""
+"""The ways a command ends badly, each with its own exit code (README.md, docs/json.md)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,9 @@ class UserCodeError(BsplanError):
 
     def to_dict(self) -> dict[str, object]:
         return {**super().to_dict(), "traceback": self.traceback_text}
+
+
+class NoFit(BsplanError):
+    """Not even the model fits on the device, before any batch (exit 3, as when no batch fits)."""
+
+    exit_code = 3

@@ -143,7 +143,7 @@ def parse_count(text: str) -> int:
         number, scale = number[:-1], _COUNT_SUFFIXES[number[-1].lower()]
     try:
         count = round(float(number) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise BadInput(f"cannot read {text!r} as a parameter count (e.g. 7.5e9 or 7.5B)") from None
     if count < 1:
         raise BadInput(f"--params must be at least 1, not {text}")

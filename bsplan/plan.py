@@ -70,8 +70,8 @@ class PlanOptions:
             if value is not None and value < 1:
                 raise BadInput(f"{name} must be a whole number of at least 1, not {value}")
         for name, real in (("--base-lr", self.base_lr), ("--epochs", self.epochs)):
-            if real is not None and not real > 0:
-                raise BadInput(f"{name} must be more than 0, not {real}")
+            if real is not None and not 0 < real < math.inf:
+                raise BadInput(f"{name} must be a finite number more than 0, not {real}")
         if (self.base_lr is None) != (self.base_batch is None):
             raise BadInput("--base-lr and --base-batch go together: a recipe's learning rate and the global batch it was tuned at")
         if self.optimizer not in OPTIMIZERS or self.scaling not in SCALINGS or self.use not in ("recommended", "max"):
@@ -381,7 +381,7 @@ def _gpu_limit(probe: SavedProbe, gpu_name: str, options: PlanOptions, line: Mem
     gpu = find_gpu(gpu_name)
     if line is None:
         raise BadInput(f"{probe.describe()} has fewer than two fitting batches, so no memory per sample to scale to {gpu.key}")
-    overheads = cuda_overheads(gpu.compute_capability, train=probe.mode == "train", workspaces_measured=probe.device_type == "cuda")
+    overheads = cuda_overheads(gpu.compute_capability, train=probe.mode == "train", workspaces_measured=probe.kind == "probe" and probe.device_type == "cuda")
     share = max(1, options.global_batch // options.world_size)  # no micro-batch exceeds a device's share
     prediction = predict(line, gpu.memory_bytes, overheads, probe.headroom, cap=share)
     if prediction.max_batch is None:

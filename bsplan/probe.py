@@ -10,7 +10,8 @@ from typing import Callable, Protocol
 import torch
 
 from bsplan.devices import open_device
-from bsplan.errors import BadInput
+from bsplan.errors import BadInput, NoFit
+from bsplan.oom import Failure, classify, first_line
 from bsplan.memory import fit_line
 from bsplan.result import SAME_THROUGHPUT, Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
 from bsplan.search import SearchOutcome, find_max_batch
@@ -122,12 +123,22 @@ class LocalTrials:
         backend, options = self.device_backend, self.options
         self._tracking = backend.tracking()
         self._tracking.__enter__()
-        model = self.workload.build_model().to(backend.torch_device)
-        model.train(options.mode == "train")
-        self._plain = model
-        before = backend.current_bytes()
-        if self.wrap is not None:
-            model = self.wrap(model, backend.torch_device)
+        try:
+            model = self.workload.build_model().to(backend.torch_device)
+            model.train(options.mode == "train")
+            self._plain = model
+            before = backend.current_bytes()
+            if self.wrap is not None:
+                model = self.wrap(model, backend.torch_device)
+        except Exception as error:
+            if classify(error) is Failure.OTHER:
+                raise
+            self._tracking.__exit__(None, None, None)
+            raise NoFit(
+                f"the model alone does not fit: building it on {self.device.name} ran out of memory within "
+                f"{format_bytes(self.device.total_bytes)} ({first_line(error)}). Try --precision bf16, a smaller "
+                "model, or sharding the model state (--strategy fsdp)"
+            ) from None
         self.bucket_bytes = max(0, backend.current_bytes() - before)  # what the wrapper allocated
         self.runner = TrialRunner(self.workload, model, backend, steps=options.steps, precision=options.precision, mode=options.mode)
         self.trials = self.runner.trials
@@ -182,10 +193,12 @@ def _search(run: Callable[[int], Trial], options: ProbeOptions, device: DeviceIn
     limit = device.total_bytes if options.search == "predict" else None
     outcome = find_max_batch(run, options.min_batch, options.max_batch, options.multiple_of, limit)
     while not device.exact and outcome.max_fit is not None and not run(outcome.max_fit).fits:
-        below = outcome.max_fit - options.multiple_of
+        failed = outcome.max_fit
+        below = failed - options.multiple_of
         if below < options.min_batch:
-            return SearchOutcome(None, outcome.max_fit, capped=False)
+            return SearchOutcome(None, failed, capped=False)
         outcome = find_max_batch(run, options.min_batch, below, options.multiple_of, limit)
+        outcome = SearchOutcome(outcome.max_fit, min(outcome.first_fail or failed, failed), capped=False)
     return outcome
 
 
@@ -208,8 +221,11 @@ def measure_static(
         measured = False
         state = 0
         if train:
-            kind = type(workload.optimizer(model.parameters())).__name__
-            state = _STATE_PER_PARAMETER.get(kind, 0) * trainable_bytes
+            optimizer = workload.optimizer(model.parameters())
+            per_parameter = _STATE_PER_PARAMETER.get(type(optimizer).__name__, 0)
+            if isinstance(optimizer, torch.optim.SGD) and optimizer.defaults.get("momentum", 0) > 0:
+                per_parameter = 1  # the momentum buffer
+            state = per_parameter * trainable_bytes
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return Static(
         model=ModelInfo(workload.name, sum(p.numel() for p in model.parameters()), has_batchnorm),

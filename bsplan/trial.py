@@ -10,13 +10,14 @@ the same memory: otherwise every failure shrinks what later trials can fit.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 
 import torch
 
 from bsplan.devices import Device
 from bsplan.errors import BsplanError
-from bsplan.oom import Failure, classify
+from bsplan.oom import Failure, classify, first_line
 from bsplan.result import Trial
 from bsplan.workload import Workload, user_error
 
@@ -38,7 +39,8 @@ class TrialRunner:
         self.leaked_bytes = 0  # bytes a failed trial left behind (should stay 0)
 
     def __call__(self, batch: int) -> Trial:
-        self.device.release()
+        if not self.trials:
+            gc.collect()  # what building the model left behind
         before = self.device.current_bytes()
         self.device.reset_peak()
         start = time.perf_counter()
@@ -51,7 +53,7 @@ class TrialRunner:
         except Exception as error:  # noqa: BLE001 - classified right here
             trial = self._failed(batch, error, time.perf_counter() - start)
         finally:
-            self._release()
+            self._release(before)
         if not trial.fits:
             self.leaked_bytes = max(self.leaked_bytes, self.device.current_bytes() - before)
         self.trials.append(trial)
@@ -69,10 +71,10 @@ class TrialRunner:
                     "causes, but no smaller batch fitted to show it was)",
                     error,
                 ) from None
-            evidence = f"{_first_line(error)!r} taken as out-of-memory: batch {max(smaller)} fitted"
+            evidence = f"{first_line(error)!r} taken as out-of-memory: batch {max(smaller)} fitted"
         elif failure is Failure.OTHER:
             raise user_error(f"a training step of {self.workload.name} at batch {batch}", error) from None
-        return Trial(batch, False, None, seconds, None, error=_first_line(error), oom_evidence=evidence)
+        return Trial(batch, False, None, seconds, None, error=first_line(error), oom_evidence=evidence)
 
     def _run_steps(self, batch_size: int) -> tuple[float, dict[str, int], int]:
         """Run the steps. Returns samples per second over the steps after the first (the warm-up),
@@ -86,7 +88,12 @@ class TrialRunner:
             else contextlib.nullcontext()
         )
         optimizer = self.workload.optimizer(model.parameters()) if self.train else None
-        scaler = torch.amp.GradScaler(device.torch_device.type) if self.train and self.precision == "fp16" else None
+        # A scale of 1 never overflows into a skipped optimizer step: the probe measures memory, and a
+        # skipped step would leave the optimizer state out of the peak.
+        scaler = (
+            torch.amp.GradScaler(device.torch_device.type, init_scale=1.0)
+            if self.train and self.precision == "fp16" else None
+        )
         timed_from = 0.0
         earlier_peak = forward_peak = step_peak = 0
         for step in range(self.steps):
@@ -112,7 +119,7 @@ class TrialRunner:
             else:
                 scaler.step(optimizer)
                 scaler.update()
-            if self.optimizer_state_bytes is None:
+            if self.optimizer_state_bytes is None and optimizer.state:
                 self.optimizer_state_bytes = state_bytes(optimizer)
             optimizer.zero_grad(set_to_none=True)
             del batch, loss
@@ -120,10 +127,15 @@ class TrialRunner:
         rate = batch_size * (self.steps - 1) / max(time.perf_counter() - timed_from, 1e-9)
         return rate, {"forward_peak_bytes": forward_peak, "step_peak_bytes": step_peak}, earlier_peak
 
-    def _release(self) -> None:
+    def _release(self, before: int) -> None:
+        """Back to the memory before the trial. Dropping the references frees almost everything; a
+        garbage collection (a few hundred ms with torch loaded) runs only when something is still
+        held, such as a reference cycle through an exception's frames."""
         for parameter in self.model.parameters():
             parameter.grad = None
         torch.clear_autocast_cache()
+        if self.device.current_bytes() != before:
+            gc.collect()
         self.device.release()
 
 
@@ -137,7 +149,3 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 storage = (to_local() if callable(to_local) else value).untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

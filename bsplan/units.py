@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from bsplan.errors import BadInput
@@ -22,7 +23,10 @@ def parse_size(text: str) -> int:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         raise BadInput(f"cannot read {text!r} as a memory size: write it like 300MiB, 2GiB, 2GB or 1048576")
-    size = int(float(match.group(1)) * _UNITS[unit])
+    number = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(number):
+        raise BadInput(f"memory size {text!r} is too large to be a memory size")
+    size = int(number)
     if size <= 0:
         raise BadInput(f"memory size {text!r} must be more than zero bytes")
     return size
@@ -35,6 +39,6 @@ def format_bytes(size: float | None) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+            return f"{value:.0f} {unit}" if unit == "B" or abs(value) >= 999.5 else f"{value:.3g} {unit}"
         value /= 1024
     raise AssertionError("unreachable")

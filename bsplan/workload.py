@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from bsplan.errors import BadInput, UserCodeError
+from bsplan.oom import Failure, classify, first_line
 
 Batch = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
 _BSPLAN_DIR = str(Path(__file__).resolve().parent)
@@ -33,8 +34,7 @@ def user_traceback(error: BaseException) -> str:
 
 
 def user_error(what: str, error: BaseException) -> UserCodeError:
-    first_line = (str(error).strip().splitlines() or [""])[0]
-    return UserCodeError(f"{what} raised {type(error).__name__}: {first_line}", user_traceback(error))
+    return UserCodeError(f"{what} raised {type(error).__name__}: {first_line(error)}", user_traceback(error))
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Workload:
         try:
             model = self._function("build_model")()  # type: ignore[misc]
         except Exception as error:
+            if classify(error) is not Failure.OTHER:
+                raise  # out of memory: the caller reports that the model does not fit
             raise user_error(f"build_model() in {self.name}", error) from None
         if not isinstance(model, torch.nn.Module):
             raise BadInput(f"build_model() in {self.name} returned {type(model).__name__}, not a torch.nn.Module")

@@ -172,3 +172,18 @@ def test_help_explains_every_option() -> None:
     for option in ("--device", "--memory-limit", "--precision", "--mode", "--steps", "--min-batch", "--max-batch",
                    "--multiple-of", "--headroom", "--json", "--output"):
         assert option in run.stdout
+
+
+def test_a_model_that_does_not_fit_at_all_exits_3_in_one_sentence(workdir: Path) -> None:
+    run = bsplan("probe", str(EXAMPLES / "mlp.py"), "--device", "cpu", "--memory-limit", "10KiB", cwd=workdir)
+    assert run.code == 3
+    assert "the model alone does not fit" in run.stderr and "Traceback" not in run.stderr
+    as_json = bsplan("probe", str(EXAMPLES / "mlp.py"), "--device", "cpu", "--memory-limit", "10KiB", "--json", cwd=workdir)
+    assert as_json.code == 3 and as_json.json()["kind"] == "NoFit"
+
+
+def test_prints_in_the_model_file_never_reach_the_json(workdir: Path) -> None:
+    run = bsplan("probe", str(MODELS / "chatty.py"), "--device", "cpu", "--memory-limit", "1MiB", "--json", cwd=workdir)
+    assert run.code == 0
+    assert run.json()["max_batch"] > 0
+    assert "build_model says hi" in run.stderr

@@ -270,7 +270,7 @@ def test_a_short_adam_warmup_and_a_warmup_longer_than_training_are_warned() -> N
         (dict(global_batch=8, max_micro=0), "--max-micro"),
         (dict(global_batch=8, multiple_of=0), "--multiple-of"),
         (dict(global_batch=8, dataset_size=0), "--dataset-size"),
-        (dict(global_batch=8, base_lr=0.0, base_batch=8), "--base-lr must be more than 0"),
+        (dict(global_batch=8, base_lr=0.0, base_batch=8), "--base-lr must be a finite number more than 0"),
         (dict(global_batch=8, base_lr=0.1), "--base-lr and --base-batch go together"),
         (dict(global_batch=8, base_batch=256), "--base-lr and --base-batch go together"),
         (dict(global_batch=8, optimizer="rmsprop"), "unknown --optimizer"),
@@ -279,7 +279,7 @@ def test_a_short_adam_warmup_and_a_warmup_longer_than_training_are_warned() -> N
         (dict(global_batch=8, warmup_steps=-1), "cannot be negative"),
         (dict(global_batch=8, warmup_ratio=1.5), "below 1"),
         (dict(global_batch=8, epochs=3.0), "--epochs needs --dataset-size"),
-        (dict(global_batch=8, epochs=0.0, dataset_size=10), "--epochs must be more than 0"),
+        (dict(global_batch=8, epochs=0.0, dataset_size=10), "--epochs must be a finite number more than 0"),
     ],
 )
 def test_bad_options_are_refused_in_one_sentence(options: dict[str, object], match: str) -> None:

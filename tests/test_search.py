@@ -165,3 +165,21 @@ def test_boundary_just_below_the_cap() -> None:
 def test_no_multiple_in_range_is_refused() -> None:
     with pytest.raises(ValueError):
         find_max_batch(FakeDevice(affine(0, 1), 1, largest=5), 9, 15, 16)
+
+
+def test_a_failed_recheck_under_an_outside_limit_keeps_the_failure_and_no_cap() -> None:
+    """Under an OS limit the largest fit is re-checked; when it fails there, it is the first failure."""
+    from bsplan.probe import ProbeOptions, _search
+    from bsplan.result import DeviceInfo
+
+    outcomes = {100: [True, False]}  # batch 100 fits once, then not
+    tried: list[int] = []
+
+    def run(batch: int) -> Trial:
+        tried.append(batch)
+        fits = outcomes[batch].pop(0) if batch in outcomes else batch < 100
+        return Trial(batch, fits, 1 if fits else None, 0.1, 1.0 if fits else None)
+
+    device = DeviceInfo("cpu", "cpu", 300 * MIB, "RLIMIT_DATA", exact=False)
+    outcome = _search(run, ProbeOptions(search="bisect", max_batch=4096), device)
+    assert (outcome.max_fit, outcome.first_fail, outcome.capped) == (99, 100, False)

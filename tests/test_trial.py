@@ -94,3 +94,13 @@ def test_an_ambiguous_error_is_out_of_memory_only_when_a_smaller_batch_fitted(mo
             runner(9)
     finally:
         device.tracking().__exit__(None, None, None)
+
+
+def test_fp16_counts_the_optimizer_state_even_when_gradients_would_overflow() -> None:
+    runner, device = _runner(MODELS / "fp16_overflow.py", 2**30, precision="fp16")
+    try:
+        assert runner(32).fits
+        parameters = sum(p.numel() * 4 for p in runner.model.parameters())
+        assert runner.optimizer_state_bytes == pytest.approx(2 * parameters, rel=0.01)  # the step was not skipped
+    finally:
+        device.tracking().__exit__(None, None, None)
