@@ -100,7 +100,8 @@ def _limit_data(size: int):
 
 
 def test_a_limit_from_outside_the_process_is_recognised_as_out_of_memory(workdir: Path) -> None:
-    run = bsplan("probe", str(EXAMPLES / "cnn.py"), "--device", "cpu", "--json", "--max-batch", "256", cwd=workdir,
+    # 512 samples need 1.3 GiB of activations alone: past the 1000 MiB limit whatever the band does.
+    run = bsplan("probe", str(EXAMPLES / "cnn.py"), "--device", "cpu", "--json", "--max-batch", "512", cwd=workdir,
                  preexec_fn=_limit_data(1000 * 2**20))
     assert run.code == 0, run.stderr
     data = run.json()
