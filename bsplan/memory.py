@@ -103,6 +103,12 @@ class Prediction:
     capped: bool  # the peak does not grow with the batch, so max_batch is the cap
 
 
+def round_recommended(batch: int) -> int:
+    """A recommended batch rounded down to a multiple of 8 from 8 up: tensor cores and most kernels
+    prefer multiples of 8 (probe, estimate and plan all recommend this way)."""
+    return batch - batch % 8 if batch >= 8 else batch
+
+
 def predict(line: MemoryLine, total_bytes: int, overheads: Overheads, headroom: float, cap: int) -> Prediction:
     """Largest batch whose peak plus overheads fits total_bytes, and the largest keeping `headroom`
     of it free, rounded down to a multiple of 8 from 8 up (as `bsplan probe` recommends)."""
@@ -118,7 +124,5 @@ def predict(line: MemoryLine, total_bytes: int, overheads: Overheads, headroom: 
     most = largest(total_bytes)
     if most < 1:
         return Prediction(None, None, None, capped=False)
-    recommended = largest((1 - headroom) * total_bytes)
-    if recommended >= 8:
-        recommended -= recommended % 8
+    recommended = round_recommended(largest((1 - headroom) * total_bytes))
     return Prediction(most, recommended or None, round(line.peak(most) + workspaces), capped=most == cap)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from bsplan.errors import BadInput
 from bsplan.gpus import find_gpu
-from bsplan.memory import MemoryLine, cuda_overheads, predict
+from bsplan.memory import MemoryLine, cuda_overheads, predict, round_recommended
 from bsplan.result import LAST_PROBE, SAME_THROUGHPUT
 from bsplan.saved import SavedProbe, load_probe
 from bsplan.scaling import (
@@ -423,7 +423,7 @@ def strategy_limit(probe: SavedProbe, options: PlanOptions, strategy: str) -> tu
     notes.extend(_probe_notes(probe))
     if options.use == "max" or recommended is None or recommended < 1:
         return Limit(most, "max_batch", probe, strategy=strategy), notes
-    return Limit(recommended - recommended % 8 if recommended >= 8 else recommended, "recommended_batch", probe,
+    return Limit(round_recommended(recommended), "recommended_batch", probe,
                  strategy=strategy), notes
 
 

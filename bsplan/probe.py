@@ -12,7 +12,7 @@ import torch
 from bsplan.devices import open_device
 from bsplan.errors import BadInput, NoFit
 from bsplan.oom import Failure, classify, first_line
-from bsplan.memory import fit_line
+from bsplan.memory import fit_line, round_recommended
 from bsplan.result import SAME_THROUGHPUT, Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
 from bsplan.search import SearchOutcome, find_max_batch
 from bsplan.strategies import gathered_bytes
@@ -21,7 +21,7 @@ from bsplan.units import format_bytes, parse_size
 from bsplan.workload import Workload, load_workload
 
 DEFAULT_MAX_BATCH = 65536
-STRATEGIES = ("none", "ddp", "fsdp")
+PROBE_STRATEGIES = ("none", "ddp", "fsdp")  # what a probe can run; strategies.STRATEGIES is what the memory model knows
 
 # Optimizer state tensors per parameter, for the breakdown when no optimizer step completed
 # (PyTorch's torch/optim sources: Adam-family keep exp_avg and exp_avg_sq; SGD keeps a momentum buffer).
@@ -71,8 +71,8 @@ class ProbeOptions:
             raise BadInput("--headroom must be a fraction from 0 up to (not including) 1, e.g. 0.1")
         if options.nproc < 1:
             raise BadInput("--nproc must be at least 1")
-        if options.strategy not in STRATEGIES:
-            raise BadInput(f"unknown --strategy {options.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if options.strategy not in PROBE_STRATEGIES:
+            raise BadInput(f"unknown --strategy {options.strategy!r}: use one of {', '.join(PROBE_STRATEGIES)}")
         if options.nproc > 1 and options.strategy == "none":
             raise BadInput("--nproc above 1 needs a --strategy (ddp or fsdp): processes without one share nothing")
         if options.bucket_view and options.strategy != "ddp":
@@ -289,9 +289,7 @@ def _recommended(trials: list[Trial], max_batch: int | None, budget: float) -> i
     line = _line(trials)
     if line is not None and line[1] > 0:
         best = max(best, min(max_batch, math.floor((budget - line[0]) / line[1])))
-    if best >= 8:
-        best -= best % 8
-    return best or None
+    return round_recommended(best) or None
 
 
 def _result(source: TrialSource, static: Static, options: ProbeOptions, outcome: SearchOutcome, interrupted: bool) -> ProbeResult:

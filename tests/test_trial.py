@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bsplan.devices import CpuDevice
 from bsplan.errors import UserCodeError
