@@ -1,10 +1,14 @@
 """One trial: real training steps at one batch size, then the process put back as it was.
 
 design.md section 3: `steps` (>= 2) full steps of make_batch, forward, backward, optimizer.step()
-and zero_grad(set_to_none=True); the first allocates the optimizer state, so it counts. After an
-out-of-memory everything the trial made is released (batch, activations, gradients, optimizer
-state, the exception's frames) and the allocator's cache emptied, so the next trial starts from
-the same memory: otherwise every failure shrinks what later trials can fit.
+and zero_grad(set_to_none=True); the first step of the first trial allocates the optimizer state,
+so it counts. The optimizer and its state are then kept from trial to trial, as training keeps them
+from step to step: every later trial starts at the memory training holds between steps, so its
+first step already reaches the steady peak, and a batch that does not fit fails in that first step
+instead of the second (a failing trial costs one step, not two). After an out-of-memory everything
+else the trial made is released (batch, activations, gradients, the exception's frames) and the
+allocator's cache emptied, so the next trial starts from the same memory: otherwise every failure
+shrinks what later trials can fit.
 """
 
 from __future__ import annotations
@@ -37,10 +41,14 @@ class TrialRunner:
         self.trials: list[Trial] = []
         self.optimizer_state_bytes: int | None = None  # measured after the first completed optimizer step
         self.leaked_bytes = 0  # bytes a failed trial left behind (should stay 0)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._state_added = 0  # device bytes this trial's first optimizer step added as state (kept)
 
     def __call__(self, batch: int) -> Trial:
         if not self.trials:
             gc.collect()  # what building the model left behind
+        self._state_added = 0
+        stateless = self._optimizer is None or not self._optimizer.state
         before = self.device.current_bytes()
         self.device.reset_peak()
         start = time.perf_counter()
@@ -52,10 +60,12 @@ class TrialRunner:
             raise
         except Exception as error:  # noqa: BLE001 - classified right here
             trial = self._failed(batch, error, time.perf_counter() - start)
+            if stateless:  # a state this trial began (perhaps half made) goes with it
+                self._optimizer, self._state_added = None, 0
         finally:
-            self._release(before)
+            self._release(before + self._state_added)
         if not trial.fits:
-            self.leaked_bytes = max(self.leaked_bytes, self.device.current_bytes() - before)
+            self.leaked_bytes = max(self.leaked_bytes, self.device.current_bytes() - before - self._state_added)
         self.trials.append(trial)
         return trial
 
@@ -87,7 +97,9 @@ class TrialRunner:
             if self.precision in _AUTOCAST
             else contextlib.nullcontext()
         )
-        optimizer = self.workload.optimizer(model.parameters()) if self.train else None
+        if self.train and self._optimizer is None:
+            self._optimizer = self.workload.optimizer(model.parameters())
+        optimizer = self._optimizer
         # A scale of 1 never overflows into a skipped optimizer step: the probe measures memory, and a
         # skipped step would leave the optimizer state out of the peak.
         scaler = (
@@ -114,12 +126,14 @@ class TrialRunner:
             forward_peak = device.peak_bytes()
             (loss if scaler is None else scaler.scale(loss)).backward()
             step_peak = device.peak_bytes()
+            stateless, held = not optimizer.state, device.current_bytes()
             if scaler is None:
                 optimizer.step()
             else:
                 scaler.step(optimizer)
                 scaler.update()
-            if self.optimizer_state_bytes is None and optimizer.state:
+            if stateless and optimizer.state:
+                self._state_added = device.current_bytes() - held
                 self.optimizer_state_bytes = state_bytes(optimizer)
             optimizer.zero_grad(set_to_none=True)
             del batch, loss
@@ -127,14 +141,15 @@ class TrialRunner:
         rate = batch_size * (self.steps - 1) / max(time.perf_counter() - timed_from, 1e-9)
         return rate, {"forward_peak_bytes": forward_peak, "step_peak_bytes": step_peak}, earlier_peak
 
-    def _release(self, before: int) -> None:
-        """Back to the memory before the trial. Dropping the references frees almost everything; a
-        garbage collection (a few hundred ms with torch loaded) runs only when something is still
-        held, such as a reference cycle through an exception's frames."""
+    def _release(self, resting: int) -> None:
+        """Back to the memory between trials (before the trial, plus the optimizer state if this
+        trial created it). Dropping the references frees almost everything; a garbage collection (a
+        few hundred ms with torch loaded) runs only when something more is still held, such as a
+        reference cycle through an exception's frames."""
         for parameter in self.model.parameters():
             parameter.grad = None
         torch.clear_autocast_cache()
-        if self.device.current_bytes() != before:
+        if self.device.current_bytes() != resting:
             gc.collect()
         self.device.release()
 

@@ -24,13 +24,29 @@ def test_memory_after_an_out_of_memory_is_what_it_was_before() -> None:
     runner, device = _runner(EXAMPLES / "cnn.py", 64 * 2**20)
     try:
         before = device.current_bytes()
+        assert not runner(200).fits  # before any optimizer state exists: nothing of it is kept
+        assert device.current_bytes() == before
         assert runner(16).fits
+        between_trials = device.current_bytes()  # the parameters and the optimizer state, kept
+        assert between_trials - before == runner.optimizer_state_bytes
         for batch in (200, 64, 33, 25):
             assert not runner(batch).fits
-            assert device.current_bytes() == before
+            assert device.current_bytes() == between_trials
         again = runner(16)
-        assert again.fits and again.peak_bytes == runner.trials[0].peak_bytes
+        assert again.fits and again.peak_bytes == runner.trials[1].peak_bytes
         assert runner.leaked_bytes == 0
+    finally:
+        device.tracking().__exit__(None, None, None)
+
+
+def test_once_the_optimizer_state_exists_a_batch_that_does_not_fit_fails_in_its_first_step(monkeypatch) -> None:
+    runner, device = _runner(EXAMPLES / "mlp.py", 64 * 2**20)
+    made: list[int] = []
+    make_batch = runner.workload.module.make_batch
+    monkeypatch.setattr(runner.workload.module, "make_batch", lambda size: made.append(size) or make_batch(size))
+    try:
+        assert runner(64).fits and made == [64] * 3
+        assert not runner(5400).fits and made[3:] == [5400]  # without the state its first step fits
     finally:
         device.tracking().__exit__(None, None, None)
 
