@@ -11,7 +11,9 @@ RLIMIT_DATA of that size, a real OS limit whose edge moves between runs (docs/pr
 
 The truth for a model is the largest batch B that fits when checked alone in a fresh process
 (`bsplan probe --min-batch B --max-batch B`) while B + 1 does not. Each finder runs in a fresh
-process of its own and its wall time is that whole process, imports included.
+process of its own and its wall time is that whole process, imports included. With --repeats N
+each finder runs N times, alternating, and the table gives the median wall time (the answers and
+trial counts must be the same every time; a finder whose answer moves is reported as such).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,11 +81,18 @@ def truth(model: Path, limit: str, device: str, candidate: int, steps: int = 20)
     return None
 
 
+def _seconds(values: list[float]) -> str:
+    """The median wall time, with the range when there are repeats."""
+    median = f"{statistics.median(values):.1f}"
+    return median if len(values) == 1 else f"{median} ({min(values):.1f}-{max(values):.1f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory-limit", default="300MiB")
     parser.add_argument("--rlimit", help="run every process under this RLIMIT_DATA instead of a counted limit")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each finder (alternating); the median wall time is reported")
     parser.add_argument("examples", nargs="*", default=["mlp.py", "cnn.py", "transformer.py"])
     args = parser.parse_args()
     global RLIMIT
@@ -93,8 +103,15 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.examples:
         model = ROOT / "examples" / name
-        ours, our_seconds = _bsplan(model, args.memory_limit, args.device)
-        theirs, their_seconds = _lightning(model, args.memory_limit, args.device)
+        runs = [(_bsplan(model, args.memory_limit, args.device), _lightning(model, args.memory_limit, args.device))
+                for _ in range(args.repeats)]
+        (ours, _), (theirs, _) = runs[0]
+        our_seconds = _seconds([seconds for (_, seconds), _ in runs])
+        their_seconds = _seconds([seconds for _, (_, seconds) in runs])
+        answers = {(mine["max_batch"], len(mine["trials"]), other.get("max_batch"), other.get("trials"))
+                   for (mine, _), (other, _) in runs}
+        if len(answers) > 1:
+            print(f"({name}: the answers moved between repeats, (bsplan batch, trials, Lightning batch, trials): {sorted(answers, key=str)})")
         true_max = truth(model, args.memory_limit, args.device, ours["max_batch"])
         found = theirs.get("max_batch")
         their_result = f"crashed ({theirs['error']})" if theirs.get("error") else str(found)
@@ -102,7 +119,7 @@ def main() -> None:
         our_ratio = "-" if true_max is None else f"{ours['max_batch'] / true_max:.2f}"
         print(
             f"| {name} | {true_max or 'no settled edge'} | {ours['max_batch']} | {our_ratio} | {len(ours['trials'])} | "
-            f"{our_seconds:.1f} | {their_result} | {their_ratio} | {theirs.get('trials')} | {their_seconds:.1f} |",
+            f"{our_seconds} | {their_result} | {their_ratio} | {theirs.get('trials')} | {their_seconds} |",
             flush=True,
         )
 
