@@ -39,6 +39,17 @@ def test_memory_after_an_out_of_memory_is_what_it_was_before() -> None:
         device.tracking().__exit__(None, None, None)
 
 
+def test_a_trial_that_fails_after_creating_the_optimizer_state_keeps_none_of_it() -> None:
+    runner, device = _runner(EXAMPLES / "mlp.py", 64 * 2**20)
+    try:
+        before = device.current_bytes()
+        assert not runner(5400).fits  # its first step fits and creates the state; its second does not
+        assert device.current_bytes() == before and runner.leaked_bytes == 0
+        assert runner(64).fits and device.current_bytes() - before == runner.optimizer_state_bytes
+    finally:
+        device.tracking().__exit__(None, None, None)
+
+
 def test_once_the_optimizer_state_exists_a_batch_that_does_not_fit_fails_in_its_first_step(monkeypatch) -> None:
     runner, device = _runner(EXAMPLES / "mlp.py", 64 * 2**20)
     made: list[int] = []
