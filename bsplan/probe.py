@@ -75,6 +75,9 @@ class ProbeOptions:
             raise BadInput(f"unknown --strategy {options.strategy!r}: use one of {', '.join(PROBE_STRATEGIES)}")
         if options.nproc > 1 and options.strategy == "none":
             raise BadInput("--nproc above 1 needs a --strategy (ddp or fsdp): processes without one share nothing")
+        if options.mode == "infer" and options.strategy != "none":
+            raise BadInput("--strategy and --nproc probe training (gradients, optimizer state, their sync): "
+                           "with --mode infer probe one process")
         if options.bucket_view and options.strategy != "ddp":
             raise BadInput("--bucket-view is DDP's gradient_as_bucket_view: it goes with --strategy ddp")
         if options.timeout <= 0:

@@ -126,6 +126,8 @@ def test_a_limit_from_outside_the_process_is_recognised_as_out_of_memory(workdir
         (["probe", str(MODELS / "tiny.py"), "--min-batch", "10", "--max-batch", "5"], 2, "is below --min-batch"),
         (["probe", str(MODELS / "tiny.py"), "--headroom", "1.5"], 2, "--headroom"),
         (["probe", str(MODELS / "tiny.py"), "--precision", "fp8"], 2, "fp8"),
+        (["probe", str(MODELS / "tiny.py"), "--mode", "infer", "--strategy", "fsdp"], 2, "with --mode infer probe one process"),
+        (["probe", str(MODELS / "tiny.py"), "--mode", "infer", "--nproc", "2"], 2, "with --mode infer probe one process"),
     ],
 )
 def test_errors_are_one_sentence_with_exit_code_and_json(workdir: Path, args: list[str], code: int, message: str) -> None:
