@@ -12,7 +12,7 @@ import torch
 from bsplan.devices import open_device
 from bsplan.errors import BadInput, NoFit
 from bsplan.oom import Failure, classify, first_line
-from bsplan.memory import fit_line, round_recommended
+from bsplan.memory import fit_top, round_recommended
 from bsplan.result import SAME_THROUGHPUT, Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
 from bsplan.search import SearchOutcome, find_max_batch
 from bsplan.strategies import gathered_bytes
@@ -267,8 +267,9 @@ def _local(parameter: torch.Tensor) -> torch.Tensor:
 
 
 def _line(trials: list[Trial]) -> tuple[float, float] | None:
-    """Least-squares (intercept, slope) of peak bytes over batch, from the fitting trials."""
-    line = fit_line([(trial.batch, trial.peak_bytes) for trial in trials if trial.fits and trial.peak_bytes is not None])
+    """(intercept, slope) of peak bytes over batch from the fitting trials, by the rule plan and
+    estimate use too (memory.fit_top), so a probe's recommended_batch is the one plan recomputes."""
+    line = fit_top([(trial.batch, trial.peak_bytes) for trial in trials if trial.fits and trial.peak_bytes is not None])
     return None if line is None else (line.base_bytes, line.per_sample_bytes)
 
 
@@ -284,7 +285,7 @@ def _per_sample(trials: list[Trial], static_bytes: int) -> float | None:
 
 def _recommended(trials: list[Trial], max_batch: int | None, budget: float) -> int | None:
     """Largest batch whose peak stays within the budget: measured where a trial shows it, else
-    predicted on the affine fit of peak over batch; rounded down to a multiple of 8 from 8 up."""
+    predicted on the line of peak over batch (_line); rounded down to a multiple of 8 from 8 up."""
     if max_batch is None:
         return None
     within = [trial.batch for trial in trials if trial.fits and trial.peak_bytes is not None and trial.peak_bytes <= budget]
