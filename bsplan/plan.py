@@ -244,9 +244,12 @@ def decompose(
     limit: int | None,
     multiple_of: int = 1,
     throughput: Sequence[tuple[int, float]] = (),
+    min_micro: int = 1,
 ) -> Decomposition:
     """Choose among every exact (micro, accumulation): the fewest accumulation steps, or, with a
-    probe's (batch, samples per second), the fastest predicted optimizer step."""
+    probe's (batch, samples per second), the fastest predicted optimizer step. Timings choose only
+    among micro-batches of at least min_micro when one exists (BatchNorm's statistics need them:
+    a faster step that trains worse is no gain)."""
     if limit is not None and limit < multiple_of:
         raise BadInput(f"--multiple-of {multiple_of} is above the per-device limit of {limit}, so no micro-batch fits")
     per_device, remainder = divmod(global_batch, world_size)
@@ -260,12 +263,16 @@ def decompose(
     seconds = {split.micro_batch: split.seconds_per_step for split in splits if split.seconds_per_step is not None}
     if not seconds:
         return Decomposition(splits[0], tuple(splits[1 : MAX_ALTERNATIVES + 1]), "fewest accumulation steps")
-    fastest = min(seconds.values())
-    choice = next(split for split in splits if seconds.get(split.micro_batch, math.inf) <= fastest * SAME_THROUGHPUT)
+    allowed = {micro: time for micro, time in seconds.items() if micro >= min_micro} or seconds
+    fastest = min(allowed.values())
+    choice = next(split for split in splits if allowed.get(split.micro_batch, math.inf) <= fastest * SAME_THROUGHPUT)
     rest = sorted(  # timed ones fastest first, then the untimed (below the probed batches) by accumulation
         (s for s in splits if s is not choice), key=lambda s: (seconds.get(s.micro_batch, math.inf), s.accumulation_steps)
     )
-    return Decomposition(choice, tuple(rest[:MAX_ALTERNATIVES]), "fastest predicted optimizer step (probe timings)")
+    why = "fastest predicted optimizer step (probe timings)"
+    if len(allowed) < len(seconds):
+        why = f"fastest predicted optimizer step at micro-batch {min_micro} or more (probe timings; BatchNorm)"
+    return Decomposition(choice, tuple(rest[:MAX_ALTERNATIVES]), why)
 
 
 def nearest_achievable(global_batch: int, world_size: int, multiple_of: int = 1) -> tuple[int | None, int]:
@@ -474,7 +481,8 @@ def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
     probe = limit.probe
     world = options.world_size
     decomposition = decompose(
-        options.global_batch, world, limit.micro_batch, options.multiple_of, () if probe is None else probe.throughput
+        options.global_batch, world, limit.micro_batch, options.multiple_of, () if probe is None else probe.throughput,
+        BATCHNORM_MIN_MICRO if _batchnorm_source(options, probe) else 1,
     )
     learning_rate = None
     if options.base_lr is not None and options.base_batch is not None:

@@ -167,6 +167,25 @@ def test_timings_pick_a_smaller_micro_batch_when_it_is_clearly_faster() -> None:
     assert interpolated.seconds_per_step == pytest.approx(256 * (0.001 + (0.002 - 0.001) / 3))
 
 
+def test_a_batchnorm_model_probed_fastest_at_small_batches_gets_32_per_device_and_no_warning(tmp_path: Path) -> None:
+    save_probe(tmp_path, probe_data(has_batchnorm=True, timings={8: 1000.0, 16: 900.0, 32: 600.0, 52: 500.0}))
+    plan = make_plan(PlanOptions(1024, gpus_per_node=4, use="max"), cwd=tmp_path)
+    assert (plan.micro_batch, plan.accumulation_steps) == (32, 8)
+    assert not any(w.code == "batchnorm-small-micro" for w in plan.warnings)
+    without = make_plan(PlanOptions(1024, gpus_per_node=4, use="max", batchnorm=False), cwd=tmp_path)
+    assert without.micro_batch == 8
+
+
+def test_with_batchnorm_timings_choose_among_micro_batches_of_32_and_up() -> None:
+    rates = [(8, 1000.0), (16, 900.0), (32, 600.0), (64, 500.0)]  # CPU-like: small batches fastest per sample
+    assert decompose(1024, 4, 64, throughput=rates).choice.micro_batch == 8
+    chosen = decompose(1024, 4, 64, throughput=rates, min_micro=32)
+    assert chosen.choice.micro_batch == 32 and "BatchNorm" in chosen.chosen_by
+    assert chosen.alternatives[0].micro_batch == 8  # the faster split is still shown
+    # Nothing of 32 or more is timed (or fits): the timings choose among what there is.
+    assert decompose(1024, 4, 16, throughput=rates, min_micro=32).choice.micro_batch == 8
+
+
 def test_timings_within_the_tie_margin_go_to_fewer_accumulation_steps() -> None:
     result = decompose(1024, 4, 64, throughput=[(32, 1000.0), (64, 980.0)])
     assert result.choice.micro_batch == 64
