@@ -10,7 +10,7 @@ invented.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from bsplan.plan import Plan
@@ -119,6 +119,24 @@ def _torchrun_args(plan: Plan) -> str:
     return f"--nnodes={plan.nodes} --nproc_per_node={plan.gpus_per_node}"
 
 
+# How each tool gets DDP's gradient_as_bucket_view, which a --bucket-view limit assumes.
+_BUCKET_VIEW = {
+    "deepspeed": "DeepSpeed runs its own data parallelism, not PyTorch DDP: plan with --strategy zero1, zero2 or zero3 for "
+                 "a limit it keeps",
+    "hf": "TrainingArguments cannot set it (plan without --bucket-view for a limit the Trainer keeps)",
+    "lightning": "give the Trainer strategy=DDPStrategy(gradient_as_bucket_view=True) instead of strategy: ddp (its "
+                 "keyword arguments go to DistributedDataParallel)",
+    "torchrun": "wrap the model as DistributedDataParallel(model, gradient_as_bucket_view=True)",
+}
+
+
+def _bucket_view_notes(plan: Plan, tool: str) -> list[str]:
+    """Without the bucket view DDP keeps a second copy of the gradients, and the limit does not hold."""
+    if not plan.bucket_view:
+        return []
+    return [f"the per-device limit assumes DDP's gradient_as_bucket_view=True: {_BUCKET_VIEW[tool]}"]
+
+
 def _warmup_notes(plan: Plan) -> list[str]:
     if plan.warmup is not None and plan.warmup.steps is None:
         return ["the warmup is known in epochs only, so it is left out: give --dataset-size to count it in steps"]
@@ -133,4 +151,5 @@ FORMATS = tuple(_EXPORTERS)
 
 def export_plan(plan: Plan, fmt: str) -> Export:
     """The plan in one of FORMATS."""
-    return _EXPORTERS[fmt](plan)
+    export = _EXPORTERS[fmt](plan)
+    return replace(export, notes=export.notes + tuple(_bucket_view_notes(plan, fmt)))

@@ -184,6 +184,7 @@ class Plan:
     notes: tuple[str, ...] = field(default_factory=tuple)
     strategy: str = "none"  # --strategy, or the one --strategy auto recommends
     strategies: tuple[StrategyOption, ...] = ()  # with --strategy auto: every strategy, simplest first
+    bucket_view: bool = False  # the limit assumes DDP's gradient_as_bucket_view (--bucket-view, or the probe ran so)
 
     @property
     def world_size(self) -> int:
@@ -221,6 +222,7 @@ class Plan:
             "alternatives": [split.to_dict() for split in self.alternatives],
             "strategy": self.strategy,
             "strategies": [option.to_dict() for option in self.strategies],
+            "bucket_view": self.bucket_view,
             "warnings": [warning.to_dict() for warning in self.warnings],
             "notes": list(self.notes),
         }
@@ -505,9 +507,17 @@ def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
         multiple_of=options.multiple_of, choice=decomposition.choice, alternatives=decomposition.alternatives,
         chosen_by=decomposition.chosen_by, limit=limit, optimizer=options.optimizer, learning_rate=learning_rate,
         warmup=warmup, schedule=schedule, notes=tuple(notes), strategy=limit.strategy or options.strategy,
-        strategies=strategies,
+        strategies=strategies, bucket_view=_bucket_view(limit, options),
     )
     return replace(plan, warnings=tuple(plan_warnings(plan, options)))
+
+
+def _bucket_view(limit: Limit, options: PlanOptions) -> bool:
+    """Whether the limit counts DDP's gradients once (in its buckets): recomputed for ddp with
+    --bucket-view, or taken as it is from a probe that ran so."""
+    if limit.strategy is not None:
+        return limit.strategy == "ddp" and options.bucket_view
+    return limit.source != "--max-micro" and limit.probe is not None and limit.probe.layout.bucket_view
 
 
 def plan_warnings(plan: Plan, options: PlanOptions) -> list[PlanWarning]:

@@ -98,3 +98,20 @@ def test_torchrun_reads_nnodes_and_nproc_per_node() -> None:
     assert vars(parser.parse_args(shlex.split(exported.text))) == {"nnodes": 4, "nproc_per_node": 8}
     assert any("--node_rank" in note for note in exported.notes)
 
+
+
+def test_a_limit_that_assumes_ddps_bucket_view_says_so_in_every_export(tmp_path) -> None:
+    from plan_helpers import probe_data, save_probe
+
+    save_probe(tmp_path, probe_data())
+    viewed = make_plan(PlanOptions(1024, gpus_per_node=4, strategy="ddp", bucket_view=True), cwd=tmp_path)
+    plain = make_plan(PlanOptions(1024, gpus_per_node=4, strategy="ddp"), cwd=tmp_path)
+    assert viewed.bucket_view and viewed.to_dict()["bucket_view"] is True and not plain.bucket_view
+    for tool in ("deepspeed", "hf", "lightning", "torchrun"):
+        assert any("gradient_as_bucket_view=True" in note for note in export_plan(viewed, tool).notes), tool
+        assert not any("bucket_view" in note for note in export_plan(plain, tool).notes), tool
+    assert any("DDPStrategy(gradient_as_bucket_view=True)" in note for note in export_plan(viewed, "lightning").notes)
+    # A probe that ran under DDP with the bucket view, its limit taken as it is.
+    save_probe(tmp_path, probe_data(world_size=4, strategy="ddp", bucket_view=True))
+    assert make_plan(PlanOptions(1024, gpus_per_node=4), cwd=tmp_path).bucket_view
+    assert not make_plan(PlanOptions(1024, gpus_per_node=4, max_micro=16), cwd=tmp_path).bucket_view
