@@ -15,17 +15,13 @@ from bsplan.oom import Failure, classify, first_line
 from bsplan.memory import fit_top, round_recommended
 from bsplan.result import SAME_THROUGHPUT, Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
 from bsplan.search import SearchOutcome, find_max_batch
-from bsplan.strategies import gathered_bytes
+from bsplan.strategies import OPTIMIZER_STATES, gathered_bytes
 from bsplan.trial import TrialRunner
 from bsplan.units import format_bytes, parse_size
 from bsplan.workload import Workload, load_workload
 
 DEFAULT_MAX_BATCH = 65536
 PROBE_STRATEGIES = ("none", "ddp", "fsdp")  # what a probe can run; strategies.STRATEGIES is what the memory model knows
-
-# Optimizer state tensors per parameter, for the breakdown when no optimizer step completed
-# (PyTorch's torch/optim sources: Adam-family keep exp_avg and exp_avg_sq; SGD keeps a momentum buffer).
-_STATE_PER_PARAMETER = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adadelta": 2, "Adagrad": 1, "RMSprop": 1}
 
 
 class Progress(Protocol):
@@ -225,9 +221,9 @@ def measure_static(
         state = 0
         if train:
             optimizer = workload.optimizer(model.parameters())
-            per_parameter = _STATE_PER_PARAMETER.get(type(optimizer).__name__, 0)
-            if isinstance(optimizer, torch.optim.SGD) and optimizer.defaults.get("momentum", 0) > 0:
-                per_parameter = 1  # the momentum buffer
+            per_parameter = OPTIMIZER_STATES.get(type(optimizer).__name__.lower(), 0)
+            if isinstance(optimizer, torch.optim.SGD):  # a momentum buffer only with momentum
+                per_parameter = OPTIMIZER_STATES["sgd"] if optimizer.defaults.get("momentum", 0) else 0
             state = per_parameter * trainable_bytes
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return Static(

@@ -20,9 +20,15 @@ STRATEGIES = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp")
 BY_SIMPLICITY = ("ddp", "zero1", "zero2", "fsdp", "zero3")
 SHARDED_PARAMETERS = frozenset({"zero3", "fsdp"})
 PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
-# fp32 tensors of optimizer state per parameter (torch.optim: SGD's momentum_buffer; Adam's and
-# AdamW's exp_avg and exp_avg_sq; LAMB keeps the same two moments; LARS is SGD with momentum).
-OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2, "lamb": 2, "lars": 1}
+# fp32 tensors of optimizer state per parameter, by lower-cased torch.optim class name (PyTorch's
+# torch/optim sources: SGD's momentum_buffer, when it has momentum; the Adam family's exp_avg and
+# exp_avg_sq, or Adamax's exp_inf, Adadelta's acc_delta; Adagrad's sum; RMSprop's square_avg).
+# LAMB keeps Adam's two moments; LARS is SGD with momentum. The probe reads it when no optimizer step
+# completed; plan and estimate for their --optimizer.
+OPTIMIZER_STATES = {
+    "sgd": 1, "adam": 2, "adamw": 2, "nadam": 2, "radam": 2, "adamax": 2, "adadelta": 2, "adagrad": 1, "rmsprop": 1,
+    "lamb": 2, "lars": 1,
+}
 # FSDP and ZeRO-3 gather a unit's parameters whole while it computes, and prefetch the next one.
 UNITS_IN_FLIGHT = 2
 

@@ -42,7 +42,7 @@ class TrialRunner:
         self.optimizer_state_bytes: int | None = None  # measured after the first completed optimizer step
         self.leaked_bytes = 0  # bytes a failed trial left behind (should stay 0)
         self._optimizer: torch.optim.Optimizer | None = None
-        self._state_added = 0  # device bytes this trial's first optimizer step added as state (kept)
+        self._state_added = 0  # device bytes this trial added as optimizer state, which is kept
 
     def __call__(self, batch: int) -> Trial:
         if not self.trials:
@@ -98,7 +98,9 @@ class TrialRunner:
             else contextlib.nullcontext()
         )
         if self.train and self._optimizer is None:
+            held = device.current_bytes()
             self._optimizer = self.workload.optimizer(model.parameters())
+            self._state_added = device.current_bytes() - held  # Adagrad makes its state here
         optimizer = self._optimizer
         # A scale of 1 never overflows into a skipped optimizer step: the probe measures memory, and a
         # skipped step would leave the optimizer state out of the peak.
@@ -132,8 +134,9 @@ class TrialRunner:
             else:
                 scaler.step(optimizer)
                 scaler.update()
-            if stateless and optimizer.state:
-                self._state_added = device.current_bytes() - held
+            if stateless and optimizer.state:  # most optimizers make their state in the first step
+                self._state_added += device.current_bytes() - held
+            if self.optimizer_state_bytes is None and optimizer.state:
                 self.optimizer_state_bytes = state_bytes(optimizer)
             optimizer.zero_grad(set_to_none=True)
             del batch, loss

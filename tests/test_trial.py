@@ -130,3 +130,30 @@ def test_fp16_counts_the_optimizer_state_even_when_gradients_would_overflow() ->
         assert runner.optimizer_state_bytes == pytest.approx(2 * parameters, rel=0.01)  # the step was not skipped
     finally:
         device.tracking().__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(("optimizer", "states"), [
+    ("torch.optim.AdamW(parameters)", 2), ("torch.optim.SGD(parameters, lr=0.1, momentum=0.9)", 1),
+    ("torch.optim.SGD(parameters, lr=0.1)", 0), ("torch.optim.Adagrad(parameters)", 1),
+])
+def test_without_a_completed_step_the_optimizer_state_is_estimated_from_its_type(tmp_path, optimizer: str, states: int) -> None:
+    from bsplan.probe import measure_static
+
+    model_file = tmp_path / "model.py"
+    model_file.write_text(
+        "import torch\n\ndef build_model():\n    return torch.nn.Linear(100, 10)\n\n"
+        "def make_batch(batch_size):\n    return torch.randn(batch_size, 100)\n\n"
+        f"def build_optimizer(parameters):\n    return {optimizer}\n"
+    )
+    runner, device = _runner(model_file, 2**30)
+    try:
+        static = measure_static(runner.workload, runner.model, runner, "train")  # no trial has run
+        assert not static.optimizer_state_measured
+        assert static.optimizer_state_bytes == states * (100 * 10 + 10) * 4
+        before = device.current_bytes()
+        assert runner(4).fits  # a trial that completes steps: the measured state agrees (with a step counter each)
+        assert runner.optimizer_state_bytes == pytest.approx(states * (100 * 10 + 10) * 4, abs=16) if states else (
+            runner.optimizer_state_bytes is None)
+        assert device.current_bytes() - before == (runner.optimizer_state_bytes or 0)  # kept between trials
+    finally:
+        device.tracking().__exit__(None, None, None)
