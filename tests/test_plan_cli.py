@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import bsplan
+from no_torch import run_without_torch
 from plan_helpers import probe_data, save_probe
 
 ISSUE_EXAMPLE = ("plan", "--target", "1024", "--gpus", "4", "--max-micro", "48")
 GOYAL = ("plan", "--target", "8192", "--gpus", "8", "--nodes", "4", "--max-micro", "64", "--optimizer", "sgd",
          "--base-lr", "0.1", "--base-batch", "256", "--dataset-size", "1281167", "--epochs", "90")
 
-# Runs main() as the console script does, then reports on stderr whether anything imported torch.
-_WITHOUT_TORCH = """
-import sys
-sys.argv = ["bsplan", *sys.argv[1:]]
-from bsplan.cli import main
-try:
-    main()
-except SystemExit as done:
-    code = done.code
-print("torch loaded:", "torch" in sys.modules, "exit:", code, file=sys.stderr)
-"""
-
 
 @pytest.mark.parametrize("args", [ISSUE_EXAMPLE, ("plan", "--target", "1024", "--gpus", "4", "--format", "deepspeed")])
 def test_plan_never_imports_torch(tmp_path: Path, args: tuple[str, ...]) -> None:
     save_probe(tmp_path, probe_data())  # the second run reads it
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, *args], capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert done.stderr.strip().endswith("torch loaded: False exit: 0"), done.stderr
+    run_without_torch(*args, cwd=tmp_path)
 
 
 def test_the_issue_example_gives_32_x_8_x_4(workdir: Path) -> None:
