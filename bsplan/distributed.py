@@ -1,5 +1,8 @@
 """Probing under data parallelism: N local processes, one device each, the model wrapped in DDP or
-FSDP2, the same trials and search as one process, measured per device.
+FSDP2, the same trials and search as one process, measured per device. With no strategy, one such
+process serves a probe under a per-process address-space limit (RLIMIT_DATA, RLIMIT_AS): a failed
+trial leaves its process holding address space the limit counts, so the process is restarted after
+each failed trial, as it is under a strategy.
 
 The parent process runs the search and is the only one that decides whether a trial fits: every
 rank runs the trial and reports to it over a pipe, and the batch fits only if it fitted on every
@@ -33,6 +36,10 @@ from bsplan.result import DeviceInfo, Trial
 from bsplan.workload import Workload, load_workload, user_error
 
 
+RESTART_NOTE = ("{source} limits address space, which a failed trial leaves held in its process: the trials ran in "
+                "a child process, started afresh after each out-of-memory")
+
+
 class World:
     """The ranks of a strategy probe, driven by the parent; a TrialSource for run_probe."""
 
@@ -63,14 +70,15 @@ class World:
         if not self._ranks:
             self._start()
         for _, connection in self._ranks:
-            connection.send(batch)
+            connection.send((batch, [trial.batch for trial in self.trials if trial.fits]))  # evidence for its OOMs
         replies: dict[int, tuple[Trial, Static]] = {}
         while len(replies) < len(self._ranks):
             rank, reply = self._next_reply(f"batch {batch}")
             trial, static = reply
             if not trial.fits:  # one rank out of memory: the trial failed everywhere
                 self._stop()
-                failed = Trial(batch, False, None, trial.seconds, None, error=f"rank {rank}: {trial.error}",
+                where = "" if self.options.strategy == "none" else f"rank {rank}: "
+                failed = Trial(batch, False, None, trial.seconds, None, error=f"{where}{trial.error}",
                                oom_evidence=trial.oom_evidence)
                 self.trials.append(failed)
                 return failed
@@ -105,6 +113,8 @@ class World:
             rank, reply = self._next_reply("starting")
             ready[rank] = reply
         self.device, self.notes, static = ready[0]
+        if self.options.strategy == "none":
+            self.notes = [*self.notes, RESTART_NOTE.format(source=self.device.limit_source)]
         if self._static is None or not self._static.optimizer_state_measured:
             self._static = static
 
@@ -165,14 +175,15 @@ def _rank_main(rank: int, port: int, model_file: Path, options: ProbeOptions, co
     try:
         if cuda:
             torch.cuda.set_device(rank)
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=options.nproc,
-                                timeout=timedelta(seconds=options.timeout))
+        if options.strategy != "none":
+            dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=options.nproc,
+                                    timeout=timedelta(seconds=options.timeout))
         workload = load_workload(model_file)
-        with LocalTrials(workload, options, f"cuda:{rank}" if cuda else "cpu",
-                         lambda model, device: wrap(model, device, workload, options)) as trials:
+        wrapper = None if options.strategy == "none" else lambda model, device: wrap(model, device, workload, options)
+        with LocalTrials(workload, options, f"cuda:{rank}" if cuda else "cpu", wrapper) as trials:
             connection.send(("ready", (trials.device, trials.notes, trials.static())))
             while True:
-                batch = connection.recv()
+                batch, trials.runner.fitted_elsewhere = connection.recv()
                 trial = trials(batch)
                 connection.send(("trial", (trial, trials.static())))
     except (EOFError, OSError):

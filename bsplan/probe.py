@@ -24,6 +24,12 @@ DEFAULT_MAX_BATCH = 65536
 PROBE_STRATEGIES = ("none", "ddp", "fsdp")  # what a probe can run; strategies.STRATEGIES is what the memory model knows
 
 
+# Per-process limits that count address space: a failed trial leaves its process holding some
+# (the heap's mappings; measured in docs/probe.md), so under them trials run in a child process that
+# is restarted after each failed trial.
+ADDRESS_SPACE_LIMITS = ("RLIMIT_DATA", "RLIMIT_AS")
+
+
 class Progress(Protocol):
     def started(self, batch: int) -> None: ...
     def finished(self, trial: Trial) -> None: ...
@@ -160,11 +166,11 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> Pr
     """Find the largest batch that fits. Ctrl-C returns what was measured so far (interrupted)."""
     workload = load_workload(model_file)
     if options.strategy == "none":
-        source: TrialSource = LocalTrials(workload, options)
+        local = LocalTrials(workload, options)
+        address_space = local.device.limit_source in ADDRESS_SPACE_LIMITS and not local.device.exact
+        source: TrialSource = _world(model_file, options) if address_space else local  # distributed.RESTART_NOTE
     else:
-        from bsplan.distributed import World  # torch.distributed only where it is used
-
-        source = World(model_file, options)
+        source = _world(model_file, options)
     with source:  # type: ignore[attr-defined]
         for note in source.notes:
             progress.note(note)
@@ -184,6 +190,12 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> Pr
             outcome = _outcome_of(source.trials)
         static = source.static()
     return _result(source, static, options, outcome, interrupted)
+
+
+def _world(model_file: Path, options: ProbeOptions) -> TrialSource:
+    from bsplan.distributed import World  # torch.distributed only where it is used
+
+    return World(model_file, options)
 
 
 def _search(run: Callable[[int], Trial], options: ProbeOptions, device: DeviceInfo) -> SearchOutcome:

@@ -41,6 +41,7 @@ class TrialRunner:
         self.trials: list[Trial] = []
         self.optimizer_state_bytes: int | None = None  # measured after the first completed optimizer step
         self.leaked_bytes = 0  # bytes a failed trial left behind (should stay 0)
+        self.fitted_elsewhere: list[int] = []  # batches that fitted in earlier processes of the same probe
         self._optimizer: torch.optim.Optimizer | None = None
         self._state_added = 0  # device bytes this trial added as optimizer state, which is kept
 
@@ -74,7 +75,8 @@ class TrialRunner:
         failure = classify(error)
         evidence = None
         if failure is Failure.AMBIGUOUS:
-            smaller = [trial.batch for trial in self.trials if trial.fits and trial.batch < batch]
+            fitted = [trial.batch for trial in self.trials if trial.fits] + self.fitted_elsewhere
+            smaller = [fit for fit in fitted if fit < batch]
             if not smaller:
                 raise user_error(
                     f"a training step of {self.workload.name} at batch {batch} (an error that out-of-memory also "

@@ -32,6 +32,18 @@ def test_ddp_max_batch_is_confirmed_by_a_fresh_two_process_check(workdir: Path) 
     assert above.code == 3 and above.json()["max_batch"] is None
 
 
+def test_a_fresh_world_takes_an_ambiguous_error_as_out_of_memory_on_the_earlier_worlds_evidence(workdir: Path) -> None:
+    # Batches above 8 raise oneDNN's ambiguous message. After the first failure the world restarts,
+    # and its ranks have run nothing yet: the evidence (batch 8 fitted) comes from the parent.
+    run = _probe(MODELS / "ambiguous.py", "--strategy", "ddp", "--memory-limit", "64MiB", "--max-batch", "16",
+                 cwd=workdir, env={"AMBIGUOUS_LIMIT": "8"})
+    assert run.code == 0, run.stderr
+    result = run.json()
+    assert (result["max_batch"], result["first_oom_batch"]) == (8, 9)
+    failed = [trial for trial in result["trials"] if not trial["fits"]]
+    assert len(failed) >= 2 and all("batch 8 fitted" in trial["oom_evidence"] for trial in failed)
+
+
 def test_bucket_view_drops_the_second_copy_of_the_gradients(workdir: Path) -> None:
     runs = {
         flag: _probe(EXAMPLES / "mlp.py", "--memory-limit", "64MiB", "--min-batch", "64", "--max-batch", "64", *flag, cwd=workdir).json()
