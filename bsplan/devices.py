@@ -23,6 +23,7 @@ class Device(Protocol):
     info: DeviceInfo
     torch_device: torch.device
     notes: list[str]
+    outside_limit: str | None  # the limit from outside the process that sets the edge (RLIMIT_DATA, ...), if one does
 
     def tracking(self) -> contextlib.AbstractContextManager[None]: ...
     def reset_peak(self) -> None: ...
@@ -41,6 +42,7 @@ class CudaDevice:
         self.index = index
         self.torch_device = torch.device("cuda", index)
         self.notes: list[str] = []
+        self.outside_limit = None
         properties = cuda.get_device_properties(index)
         total = int(properties.total_memory)
         source = "device"
@@ -80,6 +82,7 @@ class CpuDevice:
     def __init__(self, memory_limit: int | None) -> None:
         self.torch_device = torch.device("cpu")
         self.notes = []
+        self.outside_limit: str | None = None
         outside = host_limits()
         tightest = min(outside, key=lambda limit: limit.remaining_bytes, default=None)
         if memory_limit is not None:
@@ -94,7 +97,7 @@ class CpuDevice:
             raise BadInput("cannot tell how much memory this machine has: give --memory-limit")
         exact = source in ("--memory-limit", "MemAvailable")
         if tightest is not None and tightest.source != "MemAvailable" and tightest.remaining_bytes <= limit:
-            exact = False
+            exact, self.outside_limit = False, tightest.source
             self.notes.append(
                 f"a limit from outside the process applies ({tightest.source}, {format_bytes(tightest.remaining_bytes)} left): "
                 "its edge moves between runs, so max_batch was re-checked and is a band, not an exact number"

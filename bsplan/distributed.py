@@ -36,8 +36,9 @@ from bsplan.result import DeviceInfo, Trial
 from bsplan.workload import Workload, load_workload, user_error
 
 
-RESTART_NOTE = ("{source} limits address space, which a failed trial leaves held in its process: the trials ran in "
-                "a child process, started afresh after each out-of-memory")
+RESTART_NOTE = ("a limit on address space from outside the process (RLIMIT_DATA or RLIMIT_AS) sets the edge, and a "
+                "failed trial leaves address space held in its process: the trials ran in a child process, started "
+                "afresh after each out-of-memory")
 
 
 class World:
@@ -77,8 +78,7 @@ class World:
             trial, static = reply
             if not trial.fits:  # one rank out of memory: the trial failed everywhere
                 self._stop()
-                where = "" if self.options.strategy == "none" else f"rank {rank}: "
-                failed = Trial(batch, False, None, trial.seconds, None, error=f"{where}{trial.error}",
+                failed = Trial(batch, False, None, trial.seconds, None, error=f"{self._where(rank)}{trial.error}",
                                oom_evidence=trial.oom_evidence)
                 self.trials.append(failed)
                 return failed
@@ -114,14 +114,15 @@ class World:
             ready[rank] = reply
         self.device, self.notes, static = ready[0]
         if self.options.strategy == "none":
-            self.notes = [*self.notes, RESTART_NOTE.format(source=self.device.limit_source)]
+            self.notes = [*self.notes, RESTART_NOTE]
         if self._static is None or not self._static.optimizer_state_measured:
             self._static = static
 
     def _next_reply(self, doing: str) -> tuple[int, Any]:
         """The next message from any rank; a rank's error, death or silence ends the probe."""
         connections = {connection: rank for rank, (_, connection) in enumerate(self._ranks)}
-        ready = wait(list(connections), timeout=self.options.timeout)
+        # One plain process has no collective to hang in: it may take as long as its trial takes.
+        ready = wait(list(connections), timeout=None if self.options.strategy == "none" else self.options.timeout)
         if not ready:
             self._stop()
             raise BsplanError(
@@ -136,15 +137,20 @@ class World:
             process = self._ranks[rank][0]
             process.join(timeout=5)
             self._stop()
-            raise BsplanError(f"rank {rank}'s process ended with exit code {process.exitcode} ({doing})") from None
+            who = "the trial process" if self.options.strategy == "none" else f"rank {rank}'s process"
+            raise BsplanError(f"{who} ended with exit code {process.exitcode} ({doing})") from None
         if kind == "error":
             self._stop()
             error_kind, message, traceback_text = payload
-            message = f"rank {rank}: {message}"
+            message = f"{self._where(rank)}{message}"
             if traceback_text:
                 raise UserCodeError(message, traceback_text)
             raise {"BadInput": BadInput, "NoFit": NoFit}.get(error_kind, BsplanError)(message)
         return rank, payload
+
+    def _where(self, rank: int) -> str:
+        """Which rank a message came from; nothing for the one process of a probe without a strategy."""
+        return "" if self.options.strategy == "none" else f"rank {rank}: "
 
     def _stop(self) -> None:
         for process, connection in self._ranks:
@@ -192,7 +198,8 @@ def _rank_main(rank: int, port: int, model_file: Path, options: ProbeOptions, co
         traceback_text = error.traceback_text if isinstance(error, UserCodeError) else ""
         _send(connection, ("error", (type(error).__name__, str(error), traceback_text)))
     except Exception as error:  # noqa: BLE001 - the user's code, reported with its traceback
-        failure = user_error(f"setting up rank {rank} of {model_file}", error)
+        where = "the trial process" if options.strategy == "none" else f"rank {rank}"
+        failure = user_error(f"setting up {where} of {model_file}", error)
         _send(connection, ("error", ("UserCodeError", str(failure), failure.traceback_text)))
     finally:
         if dist.is_initialized():

@@ -123,9 +123,10 @@ def _torchrun_args(plan: Plan) -> str:
 _BUCKET_VIEW = {
     "deepspeed": "DeepSpeed runs its own data parallelism, not PyTorch DDP: plan with --strategy zero1, zero2 or zero3 for "
                  "a limit it keeps",
-    "hf": "TrainingArguments cannot set it (plan without --bucket-view for a limit the Trainer keeps)",
-    "lightning": "give the Trainer strategy=DDPStrategy(gradient_as_bucket_view=True) instead of strategy: ddp (its "
-                 "keyword arguments go to DistributedDataParallel)",
+    "hf": "TrainingArguments cannot set it: plan with --strategy ddp and without --bucket-view for a limit the Trainer "
+          "keeps",
+    "lightning": "give the Trainer strategy=DDPStrategy(gradient_as_bucket_view=True) (its keyword arguments go to "
+                 "DistributedDataParallel)",
     "torchrun": "wrap the model as DistributedDataParallel(model, gradient_as_bucket_view=True)",
 }
 

@@ -167,7 +167,7 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> Pr
     workload = load_workload(model_file)
     if options.strategy == "none":
         local = LocalTrials(workload, options)
-        address_space = local.device.limit_source in ADDRESS_SPACE_LIMITS and not local.device.exact
+        address_space = local.device_backend.outside_limit in ADDRESS_SPACE_LIMITS
         source: TrialSource = _world(model_file, options) if address_space else local  # distributed.RESTART_NOTE
     else:
         source = _world(model_file, options)

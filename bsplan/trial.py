@@ -46,10 +46,11 @@ class TrialRunner:
         self._state_added = 0  # device bytes this trial added as optimizer state, which is kept
 
     def __call__(self, batch: int) -> Trial:
-        if not self.trials:
-            gc.collect()  # what building the model left behind
+        if not self.trials and self.device.current_bytes() != storage_bytes([*self.model.parameters(), *self.model.buffers()]):
+            gc.collect()  # building the model left something more behind (a wrapper's buckets, or garbage)
         self._state_added = 0
-        stateless = self._optimizer is None or not self._optimizer.state
+        # The parameters that have optimizer state now; None while there is no optimizer yet.
+        kept = None if self._optimizer is None else {id(parameter) for parameter in self._optimizer.state}
         before = self.device.current_bytes()
         self.device.reset_peak()
         start = time.perf_counter()
@@ -61,14 +62,25 @@ class TrialRunner:
             raise
         except Exception as error:  # noqa: BLE001 - classified right here
             trial = self._failed(batch, error, time.perf_counter() - start)
-            if stateless:  # a state this trial began (perhaps half made) goes with it
-                self._optimizer, self._state_added = None, 0
+            self._forget_new_state(kept)
         finally:
             self._release(before + self._state_added)
         if not trial.fits:
             self.leaked_bytes = max(self.leaked_bytes, self.device.current_bytes() - before - self._state_added)
         self.trials.append(trial)
         return trial
+
+    def _forget_new_state(self, kept: set[int] | None) -> None:
+        """After a failed trial, the optimizer state it began goes with it, since it may be half made
+        (Adam's exp_avg without its exp_avg_sq, which the next step would not repair): an optimizer
+        built in the trial is dropped whole (Adagrad makes its state when built), else the state of
+        parameters that had none before the trial (a branch that only larger batches take)."""
+        if kept is None:
+            self._optimizer = None
+        elif self._optimizer is not None:
+            for parameter in [p for p in self._optimizer.state if id(p) not in kept]:
+                del self._optimizer.state[parameter]
+        self._state_added = 0
 
     def _failed(self, batch: int, error: Exception, seconds: float) -> Trial:
         """An out-of-memory becomes a failed trial; anything else is the user's error."""
@@ -130,14 +142,13 @@ class TrialRunner:
             forward_peak = device.peak_bytes()
             (loss if scaler is None else scaler.scale(loss)).backward()
             step_peak = device.peak_bytes()
-            stateless, held = not optimizer.state, device.current_bytes()
+            held = device.current_bytes()
             if scaler is None:
                 optimizer.step()
             else:
                 scaler.step(optimizer)
                 scaler.update()
-            if stateless and optimizer.state:  # most optimizers make their state in the first step
-                self._state_added += device.current_bytes() - held
+            self._state_added += device.current_bytes() - held  # state the step made (most make it in their first)
             if self.optimizer_state_bytes is None and optimizer.state:
                 self.optimizer_state_bytes = state_bytes(optimizer)
             optimizer.zero_grad(set_to_none=True)
@@ -161,11 +172,15 @@ class TrialRunner:
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's state tensors (each storage once)."""
+    return storage_bytes([value for state in optimizer.state.values() for value in state.values()])
+
+
+def storage_bytes(values: list[object]) -> int:
+    """Bytes of the storages of the tensors among values, each once (an FSDP DTensor: its shard)."""
     storages = {}
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                to_local = getattr(value, "to_local", None)  # an FSDP DTensor's shard on this device
-                storage = (to_local() if callable(to_local) else value).untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            to_local = getattr(value, "to_local", None)  # an FSDP DTensor's shard on this device
+            storage = (to_local() if callable(to_local) else value).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())

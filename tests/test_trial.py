@@ -50,6 +50,27 @@ def test_a_trial_that_fails_after_creating_the_optimizer_state_keeps_none_of_it(
         device.tracking().__exit__(None, None, None)
 
 
+def test_state_a_later_trial_began_goes_with_its_failure_and_state_a_later_trial_made_is_kept() -> None:
+    # Adam's state for the large branch (8 MB) does not fit in 14 MiB beside its gradient: batch 32
+    # runs out of memory halfway through making it. Kept half made, batch 24 would raise KeyError.
+    runner, device = _runner(MODELS / "lazy_branch.py", 14 * 2**20)
+    try:
+        assert runner(8).fits
+        between_trials = device.current_bytes()
+        assert not runner(32).fits
+        assert device.current_bytes() == between_trials and runner.leaked_bytes == 0
+        assert not runner(24).fits and runner(8).fits  # an out-of-memory again, not the user's error
+    finally:
+        device.tracking().__exit__(None, None, None)
+    runner, device = _runner(MODELS / "lazy_branch.py", 64 * 2**20)
+    try:
+        assert runner(8).fits and runner(32).fits  # the second trial makes the large branch's state
+        between_trials = device.current_bytes()
+        assert runner(24).fits and device.current_bytes() == between_trials and runner.leaked_bytes == 0
+    finally:
+        device.tracking().__exit__(None, None, None)
+
+
 def test_once_the_optimizer_state_exists_a_batch_that_does_not_fit_fails_in_its_first_step(monkeypatch) -> None:
     runner, device = _runner(EXAMPLES / "mlp.py", 64 * 2**20)
     made: list[int] = []
