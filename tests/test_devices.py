@@ -103,3 +103,28 @@ def test_open_device_refuses_unknown_and_missing_devices() -> None:
         with pytest.raises(BadInput, match="CUDA is not available"):
             open_device("cuda:0", None)
     assert open_device("cpu", 2**20).info.total_bytes == 2**20
+
+
+def test_an_address_space_limit_below_the_memory_limit_is_named_so_the_probe_restarts_after_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bsplan import devices
+    from bsplan.cpumem import HostLimit
+
+    limits = [HostLimit("MemAvailable", 16 * 2**30), HostLimit("RLIMIT_DATA", 2**30)]
+    monkeypatch.setattr(devices, "host_limits", lambda: limits)
+    above = devices.CpuDevice(8 * 2**30)  # --memory-limit 8GiB: the rlimit bites first
+    assert (above.outside_limit, above.info.limit_source, above.info.exact) == ("RLIMIT_DATA", "--memory-limit", False)
+    below = devices.CpuDevice(512 * 2**20)  # --memory-limit 512MiB: exact, in one process
+    assert (below.outside_limit, below.info.exact) == (None, True)
+
+
+    class ChoseTheWorld(Exception):
+        pass
+
+    def world(*_: object) -> None:
+        raise ChoseTheWorld
+
+    monkeypatch.setattr(probe_module, "_world", world)
+    with pytest.raises(ChoseTheWorld):  # trials in a child process, restarted after each failure
+        run_probe(MODELS / "tiny.py", ProbeOptions(device="cpu", memory_limit=8 * 2**30), SimpleNamespace())
