@@ -100,9 +100,10 @@ def _limit_data(size: int):
 
 
 def test_a_limit_from_outside_the_process_is_recognised_as_out_of_memory(workdir: Path) -> None:
-    # 512 samples need 1.3 GiB of activations alone: past the 1000 MiB limit whatever the band does.
-    run = bsplan("probe", str(EXAMPLES / "cnn.py"), "--device", "cpu", "--json", "--max-batch", "512", cwd=workdir,
-                 preexec_fn=_limit_data(1000 * 2**20))
+    # Under this limit the edge is near 200: 150 fits and 260 fails whatever the band does. Steps of
+    # 10 keep the trials (each failure restarts the trial process: ~3 s) few.
+    run = bsplan("probe", str(EXAMPLES / "cnn.py"), "--device", "cpu", "--json", "--min-batch", "150", "--max-batch", "260",
+                 "--multiple-of", "10", cwd=workdir, preexec_fn=_limit_data(1000 * 2**20))
     assert run.code == 0, run.stderr
     data = run.json()
     assert data["device"]["limit_source"] == "RLIMIT_DATA" and data["device"]["exact"] is False
