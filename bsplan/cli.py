@@ -21,7 +21,7 @@ from rich.console import Console
 
 from bsplan.errors import BadInput, BsplanError, UserCodeError
 from bsplan.result import LAST_PROBE
-from bsplan.strategies import STRATEGIES
+from bsplan.strategies import PRECISIONS, STRATEGIES
 
 # torch warns at import when NumPy is missing; bsplan never hands torch a NumPy array.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -64,14 +64,9 @@ class Mode(str, Enum):
     infer = "infer"
 
 
-class EstimatePrecision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    mixed = "mixed"
-
-
-# The data-parallel strategies of the memory model (bsplan/strategies.py); plan can also compare them.
+# The memory model's precisions and data-parallel strategies (bsplan/strategies.py); plan can also
+# compare the strategies.
+EstimatePrecision = Enum("EstimatePrecision", {name: name for name in PRECISIONS}, type=str)  # type: ignore[misc]
 Parallelism = Enum("Parallelism", {name: name for name in STRATEGIES}, type=str)  # type: ignore[misc]
 PlanStrategy = Enum("PlanStrategy", {name: name for name in (*STRATEGIES, "auto")}, type=str)  # type: ignore[misc]
 

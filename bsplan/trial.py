@@ -158,8 +158,8 @@ class TrialRunner:
         return rate, {"forward_peak_bytes": forward_peak, "step_peak_bytes": step_peak}, earlier_peak
 
     def _release(self, resting: int) -> None:
-        """Back to the memory between trials (before the trial, plus the optimizer state if this
-        trial created it). Dropping the references frees almost everything; a garbage collection (a
+        """Back to the memory between trials (before the trial, plus the optimizer state this trial
+        made and keeps). Dropping the references frees almost everything; a garbage collection (a
         few hundred ms with torch loaded) runs only when something more is still held, such as a
         reference cycle through an exception's frames."""
         for parameter in self.model.parameters():
