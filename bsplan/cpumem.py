@@ -121,7 +121,7 @@ def host_limits() -> list[HostLimit]:
     if "MemAvailable" in meminfo:
         limits.append(HostLimit("MemAvailable", meminfo["MemAvailable"]))
     status = _read_kib_fields(Path("/proc/self/status"))
-    for name, used_field in (("RLIMIT_DATA", "VmData"), ("RLIMIT_AS", "VmSize")):
+    for name, used_field in zip(ADDRESS_SPACE_LIMITS, ("VmData", "VmSize")):
         soft, _ = resource.getrlimit(getattr(resource, name))
         if soft != resource.RLIM_INFINITY:
             limits.append(HostLimit(name, max(0, soft - status.get(used_field, 0))))
@@ -159,18 +159,73 @@ def _read_kib_fields(path: Path) -> dict[str, int]:
     return fields
 
 
-def _cgroup_remaining() -> HostLimit | None:
-    for limit_file, usage_file, source in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "cgroup memory.max"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes", "cgroup memory limit"),
-    ):
-        try:
-            text = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if text == "max" or int(text) >= 1 << 60:
-            return None
-        return HostLimit(source, max(0, int(text) - usage))
-    return None
+# Limits from outside the process that count its address space, and cgroups' limits (below).
+ADDRESS_SPACE_LIMITS = ("RLIMIT_DATA", "RLIMIT_AS")
+CGROUP_LIMITS = ("cgroup memory.max", "cgroup memory limit")
 
+# (limit file, usage file, the memory.stat key of file pages the kernel drops before it kills, name)
+_CGROUP_FILES = {
+    "v2": ("memory.max", "memory.current", "inactive_file", CGROUP_LIMITS[0]),
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file", CGROUP_LIMITS[1]),
+}
+
+
+def _cgroup_remaining(membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> HostLimit | None:
+    """The least memory left under this process's cgroup or any of its ancestors: a container's
+    limit sits at the root of its namespace, but a Slurm job's or a systemd unit's on an ancestor
+    of the process's own cgroup. Usage less the inactive file pages is what the kernel weighs
+    before it kills (the working set, as the kubelet counts it)."""
+    tightest: HostLimit | None = None
+    for version, base, path in _cgroup_paths(membership, mount):
+        limit_file, usage_file, reclaimable_key, source = _CGROUP_FILES[version]
+        for directory in [base / path, *(base / parent for parent in path.parents)]:
+            try:
+                text = (directory / limit_file).read_text().strip()
+                usage = int((directory / usage_file).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if text == "max" or int(text) >= 1 << 60:
+                continue
+            reclaimable = _read_counters(directory / "memory.stat").get(reclaimable_key, 0)
+            remaining = HostLimit(source, max(0, int(text) - max(0, usage - reclaimable)))
+            if tightest is None or remaining.remaining_bytes < tightest.remaining_bytes:
+                tightest = remaining
+    return tightest
+
+
+def _cgroup_paths(membership: Path, mount: Path) -> list[tuple[str, Path, Path]]:
+    """(version, mount of the memory controller, the process's cgroup relative to it) from
+    /proc/self/cgroup: the unified hierarchy's line is "0::/path", cgroup v1's memory controller's
+    "N:memory:/path"."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        relative = Path(path.lstrip("/"))
+        if controllers == "" and path:
+            found.append(("v2", mount, relative))
+        elif "memory" in controllers.split(","):
+            found.append(("v1", mount / "memory", relative))
+    return found or [("v2", mount, Path()), ("v1", mount / "memory", Path())]
+
+
+def oom_kills(vmstat: Path = Path("/proc/vmstat")) -> int | None:
+    """How many processes the kernel's out-of-memory killer has ended since boot, for a cgroup's
+    limit too: a child that died of SIGKILL while this rose was killed for memory. None where the
+    count cannot be read."""
+    return _read_counters(vmstat).get("oom_kill")
+
+
+def _read_counters(path: Path) -> dict[str, int]:
+    """A file of "name value" lines (a cgroup's memory.stat, /proc/vmstat) as numbers."""
+    try:
+        pairs = (line.split() for line in path.read_text().splitlines())
+        return {parts[0]: int(parts[1]) for parts in pairs if len(parts) == 2 and parts[1].isdigit()}
+    except OSError:
+        return {}

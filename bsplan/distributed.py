@@ -1,8 +1,9 @@
 """Probing under data parallelism: N local processes, one device each, the model wrapped in DDP or
 FSDP2, the same trials and search as one process, measured per device. With no strategy, one such
-process serves a probe under a per-process address-space limit (RLIMIT_DATA, RLIMIT_AS): a failed
-trial leaves its process holding address space the limit counts, so the process is restarted after
-each failed trial, as it is under a strategy.
+process serves a probe under a limit from outside the process that a failed trial would poison or
+kill it for (an address-space rlimit, a cgroup's limit; probe._why_restart): it is restarted after
+each failed trial, as the ranks are under a strategy. A process the kernel's out-of-memory killer
+ended fails its trial like an out-of-memory error.
 
 The parent process runs the search and is the only one that decides whether a trial fits: every
 rank runs the trial and reports to it over a pipe, and the batch fits only if it fitted on every
@@ -20,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import time
 import warnings
 from dataclasses import replace
 from datetime import timedelta
@@ -30,21 +32,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from bsplan.cpumem import oom_kills
 from bsplan.errors import BadInput, BsplanError, NoFit, UserCodeError
 from bsplan.probe import LocalTrials, ProbeOptions, Static
 from bsplan.result import DeviceInfo, Trial
 from bsplan.workload import Workload, load_workload, user_error
 
 
-RESTART_NOTE = ("a limit on address space from outside the process (RLIMIT_DATA or RLIMIT_AS) sets the edge, and a "
-                "failed trial leaves address space held in its process: the trials ran in a child process, started "
-                "afresh after each out-of-memory")
-
-
 class World:
     """The ranks of a strategy probe, driven by the parent; a TrialSource for run_probe."""
 
-    def __init__(self, model_file: Path, options: ProbeOptions) -> None:
+    def __init__(self, model_file: Path, options: ProbeOptions, why_restart: str | None = None) -> None:
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and options.nproc > torch.cuda.device_count():
             raise BadInput(f"--nproc {options.nproc} needs as many CUDA devices; this machine has {torch.cuda.device_count()}")
@@ -53,6 +51,8 @@ class World:
         self.notes: list[str] = []
         self._ranks: list[tuple[Any, Connection]] = []
         self._static: Static | None = None
+        self._why_restart = why_restart  # why a probe without a strategy runs in a child process
+        self._trial_began: tuple[float, int | None] = (0.0, None)  # when the trial began, and oom_kills() then
         self.device: DeviceInfo
 
     def __enter__(self) -> World:
@@ -70,11 +70,12 @@ class World:
         """One trial on every rank; fits only where it fitted on all of them."""
         if not self._ranks:
             self._start()
+        self._trial_began = (time.monotonic(), oom_kills())
         for _, connection in self._ranks:
             connection.send((batch, [trial.batch for trial in self.trials if trial.fits]))  # evidence for its OOMs
         replies: dict[int, tuple[Trial, Static]] = {}
         while len(replies) < len(self._ranks):
-            rank, reply = self._next_reply(f"batch {batch}")
+            rank, reply = self._next_reply(f"batch {batch}", batch)
             trial, static = reply
             if not trial.fits:  # one rank out of memory: the trial failed everywhere
                 self._stop()
@@ -112,14 +113,18 @@ class World:
         while len(ready) < len(self._ranks):
             rank, reply = self._next_reply("starting")
             ready[rank] = reply
-        self.device, self.notes, static = ready[0]
-        if self.options.strategy == "none":
-            self.notes = [*self.notes, RESTART_NOTE]
+        device, notes, static = ready[0]
+        if self._static is None:  # the first world's limit is the one the search aims at and the result reports
+            self.device, self.notes = device, notes
+            if self._why_restart:
+                self.notes = [*notes, f"{self._why_restart}: the trials ran in a child process, started afresh after each out-of-memory"]
         if self._static is None or not self._static.optimizer_state_measured:
             self._static = static
 
-    def _next_reply(self, doing: str) -> tuple[int, Any]:
-        """The next message from any rank; a rank's error, death or silence ends the probe."""
+    def _next_reply(self, doing: str, batch: int | None = None) -> tuple[int, Any]:
+        """The next message from any rank; a rank's error, death or silence ends the probe, but for
+        a death in the trial of `batch` at the hands of the kernel's out-of-memory killer, which is
+        that trial's failure."""
         connections = {connection: rank for rank, (_, connection) in enumerate(self._ranks)}
         # One plain process has no collective to hang in: it may take as long as its trial takes.
         ready = wait(list(connections), timeout=None if self.options.strategy == "none" else self.options.timeout)
@@ -137,6 +142,12 @@ class World:
             process = self._ranks[rank][0]
             process.join(timeout=5)
             self._stop()
+            began, kills = self._trial_began
+            if batch is not None and process.exitcode == -signal.SIGKILL and kills is not None and (oom_kills() or 0) > kills:
+                killed = Trial(batch, False, None, time.monotonic() - began, None,
+                               error="killed by the kernel's out-of-memory killer (SIGKILL)",
+                               oom_evidence="the process died of SIGKILL while the kernel's oom_kill count (/proc/vmstat) rose")
+                return rank, (killed, None)
             who = "the trial process" if self.options.strategy == "none" else f"rank {rank}'s process"
             raise BsplanError(f"{who} ended with exit code {process.exitcode} ({doing})") from None
         if kind == "error":

@@ -9,6 +9,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from bsplan.cpumem import ADDRESS_SPACE_LIMITS, CGROUP_LIMITS
 from bsplan.devices import open_device
 from bsplan.errors import BadInput, NoFit
 from bsplan.oom import Failure, classify, first_line
@@ -22,12 +23,6 @@ from bsplan.workload import Workload, load_workload
 
 DEFAULT_MAX_BATCH = 65536
 PROBE_STRATEGIES = ("none", "ddp", "fsdp")  # what a probe can run; strategies.STRATEGIES is what the memory model knows
-
-
-# Per-process limits that count address space: a failed trial leaves its process holding some
-# (the heap's mappings; measured in docs/probe.md), so under them trials run in a child process that
-# is restarted after each failed trial.
-ADDRESS_SPACE_LIMITS = ("RLIMIT_DATA", "RLIMIT_AS")
 
 
 class Progress(Protocol):
@@ -167,8 +162,8 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> Pr
     workload = load_workload(model_file)
     if options.strategy == "none":
         local = LocalTrials(workload, options)
-        address_space = local.device_backend.outside_limit in ADDRESS_SPACE_LIMITS
-        source: TrialSource = _world(model_file, options) if address_space else local  # distributed.RESTART_NOTE
+        why = _why_restart(local.device_backend.outside_limit)
+        source: TrialSource = _world(model_file, options, why) if why else local
     else:
         source = _world(model_file, options)
     with source:  # type: ignore[attr-defined]
@@ -192,10 +187,22 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> Pr
     return _result(source, static, options, outcome, interrupted)
 
 
-def _world(model_file: Path, options: ProbeOptions) -> TrialSource:
+def _why_restart(outside_limit: str | None) -> str | None:
+    """Why the trials must run in a child process restarted after each failed trial, under the limit
+    from outside the process that sets the edge; None where one process serves."""
+    if outside_limit in ADDRESS_SPACE_LIMITS:  # measured in docs/probe.md
+        return (f"a limit on address space from outside the process ({outside_limit}) sets the edge, and a failed "
+                "trial leaves address space held in its process")
+    if outside_limit in CGROUP_LIMITS:
+        return (f"a limit from outside the process ({outside_limit}) sets the edge, and the kernel's out-of-memory "
+                "killer ends the process that passes it")
+    return None
+
+
+def _world(model_file: Path, options: ProbeOptions, why_restart: str | None = None) -> TrialSource:
     from bsplan.distributed import World  # torch.distributed only where it is used
 
-    return World(model_file, options)
+    return World(model_file, options, why_restart)
 
 
 def _search(run: Callable[[int], Trial], options: ProbeOptions, device: DeviceInfo) -> SearchOutcome:

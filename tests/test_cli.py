@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -117,6 +120,56 @@ def test_a_limit_from_outside_the_process_is_recognised_as_out_of_memory(workdir
     # what had fitted (8 reported after 51 fitted): a child process, restarted after each failure.
     assert any("started afresh after each out-of-memory" in note for note in data["notes"])
     assert data["max_batch"] >= 0.8 * max(t["batch"] for t in data["trials"] if t["fits"])
+
+
+@contextlib.contextmanager
+def _memory_cgroup(limit: int) -> Iterator[Path]:
+    """A fresh memory cgroup (v1, else v2) with this limit; the test is skipped where none can be made."""
+    for controller, limit_file in ((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"), (Path("/sys/fs/cgroup"), "memory.max")):
+        is_cgroup = (controller / limit_file).exists() or "memory" in _read(controller / "cgroup.subtree_control")
+        group = controller / f"bsplan-test-{os.getpid()}"
+        try:
+            if not is_cgroup:
+                continue
+            group.mkdir()
+            (group / limit_file).write_text(str(limit))
+        except OSError:
+            continue
+        try:
+            yield group
+        finally:
+            for _ in range(100):  # the processes in it have exited; the kernel may take a moment
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        return
+    pytest.skip("no memory cgroup can be made here (needs root and a writable /sys/fs/cgroup)")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def test_a_cgroup_limit_is_found_and_a_trial_the_kernel_kills_for_it_fails_without_ending_the_probe(workdir: Path) -> None:
+    # The kernel's out-of-memory killer ends a process past a cgroup's limit: it was the probe that
+    # died, with no result. Now the trials run in a child process. A --memory-limit far above the
+    # cgroup's leaves the kills alone to set the edge: 150 fits in ~410 MB of tensors, 400 needs ~1.1 GB.
+    with _memory_cgroup(1200 * 2**20) as group:
+        run = bsplan("probe", str(EXAMPLES / "cnn.py"), "--device", "cpu", "--json", "--memory-limit", "8GiB", "--min-batch", "150",
+                     "--max-batch", "400", "--multiple-of", "25", cwd=workdir,
+                     preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+    assert run.code == 0, run.stderr
+    data = run.json()
+    assert data["device"]["exact"] is False and any("a limit from outside the process applies (cgroup" in n for n in data["notes"])
+    assert 150 <= data["max_batch"] < 400 and data["first_oom_batch"] is not None
+    failures = [t for t in data["trials"] if not t["fits"]]
+    assert failures and all(t["error"].startswith("killed by the kernel's out-of-memory killer") for t in failures)
+    assert any("the trials ran in a child process" in note for note in data["notes"])
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,14 @@
 """The CPU's exact limit: live tensor bytes counted once, freed on release, refused past the limit."""
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
 
-from bsplan.cpumem import TensorBytesLimit, host_limits
+from bsplan.cpumem import HostLimit, TensorBytesLimit, _cgroup_remaining, host_limits, oom_kills
+
+GIB = 2**30
 
 
 def test_counts_each_storage_once_and_forgets_it_when_freed() -> None:
@@ -52,3 +55,48 @@ def test_backward_allocations_are_counted() -> None:
 def test_host_limits_report_available_memory() -> None:
     sources = {limit.source: limit.remaining_bytes for limit in host_limits()}
     assert sources["MemAvailable"] > 0
+
+
+def _cgroup_tree(root: Path, membership: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A fake /proc/self/cgroup and /sys/fs/cgroup: `files` maps paths under the mount to contents."""
+    (root / "proc").mkdir(parents=True)
+    (root / "proc" / "cgroup").write_text(membership)
+    for name, text in files.items():
+        (root / "mount" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "mount" / name).write_text(text)
+    return root / "proc" / "cgroup", root / "mount"
+
+
+def test_a_cgroup_v2_limit_on_an_ancestor_applies_less_its_working_set(tmp_path: Path) -> None:
+    # A Slurm job: the limit on the job, the process in a step below it, no limit on the step.
+    membership, mount = _cgroup_tree(tmp_path, "0::/slurm/job_7/step_0\n", {
+        "slurm/job_7/memory.max": str(3 * GIB), "slurm/job_7/memory.current": str(2 * GIB),
+        "slurm/job_7/memory.stat": f"anon 1000\ninactive_file {GIB // 2}\n",
+        "slurm/job_7/step_0/memory.max": "max", "slurm/job_7/step_0/memory.current": str(GIB),
+        "memory.current": str(10 * GIB),  # the root has no limit file
+    })
+    assert _cgroup_remaining(membership, mount) == HostLimit("cgroup memory.max", 3 * GIB - (2 * GIB - GIB // 2))
+
+
+def test_the_tightest_of_a_cgroup_v1_and_its_ancestors_applies(tmp_path: Path) -> None:
+    membership, mount = _cgroup_tree(tmp_path, "5:cpu,cpuacct:/other\n4:memory:/batch/job\n0::/\n", {
+        "memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": str(GIB),
+        "memory/batch/memory.limit_in_bytes": str(4 * GIB), "memory/batch/memory.usage_in_bytes": str(GIB),
+        "memory/batch/job/memory.limit_in_bytes": str(2 * GIB), "memory/batch/job/memory.usage_in_bytes": str(GIB),
+        "memory/batch/job/memory.stat": f"inactive_file 5\ntotal_inactive_file {GIB // 4}\n",
+    })
+    assert _cgroup_remaining(membership, mount) == HostLimit("cgroup memory limit", 2 * GIB - (GIB - GIB // 4))
+
+
+def test_a_container_sees_its_limit_at_the_root_and_no_limit_is_none(tmp_path: Path) -> None:
+    membership, mount = _cgroup_tree(tmp_path / "a", "0::/\n", {"memory.max": str(GIB), "memory.current": str(GIB // 4)})
+    assert _cgroup_remaining(membership, mount) == HostLimit("cgroup memory.max", GIB - GIB // 4)
+    membership, mount = _cgroup_tree(tmp_path / "b", "0::/user.slice\n", {
+        "user.slice/memory.max": "max", "user.slice/memory.current": str(GIB)})
+    assert _cgroup_remaining(membership, mount) is None
+
+
+def test_oom_kills_reads_the_kernels_count(tmp_path: Path) -> None:
+    (tmp_path / "vmstat").write_text("pgfault 12\noom_kill 3\n")
+    assert oom_kills(tmp_path / "vmstat") == 3
+    assert oom_kills(tmp_path / "missing") is None

@@ -3,12 +3,18 @@ against fresh 2-process checks, and never hanging when only one rank runs out of
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
 import pytest
 
+from bsplan import distributed
+from bsplan.errors import BsplanError
+from bsplan.probe import ProbeOptions
 from conftest import EXAMPLES, MODELS, bsplan
+
+MIB = 2**20
 
 pytestmark = pytest.mark.slow
 
@@ -101,3 +107,26 @@ def test_strategy_options_are_checked(workdir: Path) -> None:
     assert run.code == 2 and "--bucket-view" in run.json()["error"]
     run = bsplan("probe", str(MODELS / "tiny.py"), "--device", "cpu", "--nproc", "0", "--json", cwd=workdir)
     assert run.code == 2 and "--nproc" in run.json()["error"]
+
+
+def test_a_trial_process_the_out_of_memory_killer_ends_fails_its_trial_and_the_next_starts_afresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KILLED_BATCH", "10")
+    kills = itertools.count()
+    monkeypatch.setattr(distributed, "oom_kills", lambda: next(kills))  # rises at every reading, as after a kill
+    with distributed.World(MODELS / "killed.py", ProbeOptions(device="cpu", memory_limit=64 * MIB), "a cgroup's limit") as world:
+        assert world(9).fits
+        killed = world(10)
+        assert not killed.fits and killed.error.startswith("killed by the kernel's out-of-memory killer")
+        assert "oom_kill" in killed.oom_evidence
+        assert world(9).fits  # a fresh process
+        assert any(note.startswith("a cgroup's limit: the trials ran in a child process") for note in world.notes)
+
+
+def test_a_trial_process_killed_by_anything_else_stops_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILLED_BATCH", "10")
+    monkeypatch.setattr(distributed, "oom_kills", lambda: 0)  # no out-of-memory kill: a kill -9 from somebody
+    with distributed.World(MODELS / "killed.py", ProbeOptions(device="cpu", memory_limit=64 * MIB), "a cgroup's limit") as world:
+        with pytest.raises(BsplanError, match="the trial process ended with exit code -9"):
+            world(10)
