@@ -141,23 +141,44 @@ class World:
         except EOFError:
             process = self._ranks[rank][0]
             process.join(timeout=5)
+            killed = self._killed_for_memory(batch)
             self._stop()
-            began, kills = self._trial_began
-            if batch is not None and process.exitcode == -signal.SIGKILL and kills is not None and (oom_kills() or 0) > kills:
-                killed = Trial(batch, False, None, time.monotonic() - began, None,
-                               error="killed by the kernel's out-of-memory killer (SIGKILL)",
-                               oom_evidence="the process died of SIGKILL while the kernel's oom_kill count (/proc/vmstat) rose")
-                return rank, (killed, None)
+            if killed is not None:
+                return killed
             who = "the trial process" if self.options.strategy == "none" else f"rank {rank}'s process"
             raise BsplanError(f"{who} ended with exit code {process.exitcode} ({doing})") from None
         if kind == "error":
+            killed = self._killed_for_memory(batch)  # a rank killed mid-collective fails its peers' step too
             self._stop()
+            if killed is not None:
+                return killed
             error_kind, message, traceback_text = payload
             message = f"{self._where(rank)}{message}"
             if traceback_text:
                 raise UserCodeError(message, traceback_text)
             raise {"BadInput": BadInput, "NoFit": NoFit}.get(error_kind, BsplanError)(message)
         return rank, payload
+
+    def _killed_for_memory(self, batch: int | None) -> tuple[int, tuple[Trial, None]] | None:
+        """The rank that the kernel's out-of-memory killer ended during the trial of `batch`, with
+        that trial's failure: a rank that died of SIGKILL while the kernel's oom_kill count rose.
+        None where no trial runs, no rank died so, or the count cannot be read."""
+        began, kills = self._trial_began
+        if batch is None or kills is None or (oom_kills() or 0) <= kills:
+            return None
+        # A killed rank is gone before its peers' collectives fail: a second is plenty to see it end.
+        deadline = time.monotonic() + 1.0
+        running = {process.sentinel: (rank, process) for rank, (process, _) in enumerate(self._ranks)}
+        while running and (ended := wait(list(running), timeout=max(0.0, deadline - time.monotonic()))):
+            for sentinel in ended:
+                rank, process = running.pop(sentinel)  # type: ignore[call-overload]
+                process.join()
+                if process.exitcode == -signal.SIGKILL:
+                    return rank, (Trial(batch, False, None, time.monotonic() - began, None,
+                                        error="killed by the kernel's out-of-memory killer (SIGKILL)",
+                                        oom_evidence="the process died of SIGKILL while the kernel's oom_kill count "
+                                                     "(/proc/vmstat) rose"), None)
+        return None
 
     def _where(self, rank: int) -> str:
         """Which rank a message came from; nothing for the one process of a probe without a strategy."""

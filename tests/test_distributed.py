@@ -130,3 +130,20 @@ def test_a_trial_process_killed_by_anything_else_stops_the_probe(monkeypatch: py
     with distributed.World(MODELS / "killed.py", ProbeOptions(device="cpu", memory_limit=64 * MIB), "a cgroup's limit") as world:
         with pytest.raises(BsplanError, match="the trial process ended with exit code -9"):
             world(10)
+
+
+@pytest.mark.parametrize("peer_error", ["", "1"])
+def test_a_rank_the_out_of_memory_killer_ends_fails_the_trial_on_every_rank(monkeypatch: pytest.MonkeyPatch, peer_error: str) -> None:
+    # Rank 0 goes on into DDP's all-reduce, which fails (or waits) without its peer: the trial failed
+    # for rank 1's memory, whether the parent hears of the death first or of rank 0's error.
+    monkeypatch.setenv("PEER_ERROR", peer_error)
+    monkeypatch.setenv("KILLED_BATCH", "10")
+    monkeypatch.setenv("KILLED_RANK", "1")
+    kills = itertools.count()
+    monkeypatch.setattr(distributed, "oom_kills", lambda: next(kills))
+    options = ProbeOptions(device="cpu", memory_limit=64 * MIB, nproc=2, strategy="ddp", timeout=60)
+    with distributed.World(MODELS / "killed.py", options) as world:
+        assert world(9).fits
+        killed = world(10)
+        assert not killed.fits and killed.error.startswith("rank 1: killed by the kernel's out-of-memory killer")
+        assert world(9).fits
