@@ -105,6 +105,18 @@ def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
         return [storage for part in inner if isinstance(part, torch.Tensor) for storage in _storages(part)]
     return [tensor.untyped_storage()]
 
+# Limits from outside the process that count its address space, and cgroups' limits (see _cgroup_remaining).
+ADDRESS_SPACE_LIMITS = ("RLIMIT_DATA", "RLIMIT_AS")
+CGROUP_LIMITS = ("cgroup memory.max", "cgroup memory limit")
+
+# (limit file, usage file, the memory.stat key of file pages the kernel drops before it kills, name)
+_CGROUP_FILES = {
+    "v2": ("memory.max", "memory.current", "inactive_file", CGROUP_LIMITS[0]),
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file", CGROUP_LIMITS[1]),
+}
+# where each version counts the processes its out-of-memory killer ended (the cgroup's own and its descendants')
+_CGROUP_OOM_KILLS = {"v2": "memory.events", "v1": "memory.oom_control"}
+
 
 @dataclass(frozen=True)
 class HostLimit:
@@ -159,17 +171,6 @@ def _read_kib_fields(path: Path) -> dict[str, int]:
     return fields
 
 
-# Limits from outside the process that count its address space, and cgroups' limits (below).
-ADDRESS_SPACE_LIMITS = ("RLIMIT_DATA", "RLIMIT_AS")
-CGROUP_LIMITS = ("cgroup memory.max", "cgroup memory limit")
-
-# (limit file, usage file, the memory.stat key of file pages the kernel drops before it kills, name)
-_CGROUP_FILES = {
-    "v2": ("memory.max", "memory.current", "inactive_file", CGROUP_LIMITS[0]),
-    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file", CGROUP_LIMITS[1]),
-}
-
-
 def _cgroup_remaining(membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> HostLimit | None:
     """The least memory left under this process's cgroup or any of its ancestors: a container's
     limit sits at the root of its namespace, but a Slurm job's or a systemd unit's on an ancestor
@@ -181,13 +182,14 @@ def _cgroup_remaining(membership: Path = Path("/proc/self/cgroup"), mount: Path 
         for directory in [base / path, *(base / parent for parent in path.parents)]:
             try:
                 text = (directory / limit_file).read_text().strip()
+                limit = 1 << 60 if text == "max" else int(text)
                 usage = int((directory / usage_file).read_text().strip())
             except (OSError, ValueError):
                 continue
-            if text == "max" or int(text) >= 1 << 60:
+            if limit >= 1 << 60:  # "max", or v1's page-rounded largest number: no limit
                 continue
             reclaimable = _read_counters(directory / "memory.stat").get(reclaimable_key, 0)
-            remaining = HostLimit(source, max(0, int(text) - max(0, usage - reclaimable)))
+            remaining = HostLimit(source, max(0, limit - max(0, usage - reclaimable)))
             if tightest is None or remaining.remaining_bytes < tightest.remaining_bytes:
                 tightest = remaining
     return tightest
@@ -207,7 +209,8 @@ def _cgroup_paths(membership: Path, mount: Path) -> list[tuple[str, Path, Path]]
         if len(parts) != 3:
             continue
         _, controllers, path = parts
-        relative = Path(path.lstrip("/"))
+        # A cgroup outside this namespace's root reads "/../x": only the root of the mount is ours.
+        relative = Path() if ".." in Path(path).parts else Path(path.lstrip("/"))
         if controllers == "" and path:
             found.append(("v2", mount, relative))
         elif "memory" in controllers.split(","):
@@ -215,10 +218,18 @@ def _cgroup_paths(membership: Path, mount: Path) -> list[tuple[str, Path, Path]]
     return found or [("v2", mount, Path()), ("v1", mount / "memory", Path())]
 
 
-def oom_kills(vmstat: Path = Path("/proc/vmstat")) -> int | None:
-    """How many processes the kernel's out-of-memory killer has ended since boot, for a cgroup's
-    limit too: a child that died of SIGKILL while this rose was killed for memory. None where the
-    count cannot be read."""
+def oom_kills(
+    membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup"), vmstat: Path = Path("/proc/vmstat")
+) -> int | None:
+    """How many processes of this process's cgroup (and below it) the kernel's out-of-memory killer
+    has ended: a child that died of SIGKILL while this rose was killed for memory. The cgroup's own
+    count, not the host's, so another job's kill on a shared node does not count; the host's
+    (/proc/vmstat) only where no cgroup's can be read. None where neither can."""
+    for version, base, path in _cgroup_paths(membership, mount):
+        for directory in (base / path, base):  # base: a container whose path from outside is not mounted
+            count = _read_counters(directory / _CGROUP_OOM_KILLS[version]).get("oom_kill")
+            if count is not None:
+                return count
     return _read_counters(vmstat).get("oom_kill")
 
 

@@ -40,7 +40,8 @@ from bsplan.workload import Workload, load_workload, user_error
 
 
 class World:
-    """The ranks of a strategy probe, driven by the parent; a TrialSource for run_probe."""
+    """The ranks of a strategy probe, or the one restarted trial process of a probe without one,
+    driven by the parent; a TrialSource for run_probe."""
 
     def __init__(self, model_file: Path, options: ProbeOptions, why_restart: str | None = None) -> None:
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,16 +169,15 @@ class World:
             return None
         # A killed rank is gone before its peers' collectives fail: a second is plenty to see it end.
         deadline = time.monotonic() + 1.0
-        running = {process.sentinel: (rank, process) for rank, (process, _) in enumerate(self._ranks)}
+        running: dict[Any, tuple[int, Any]] = {process.sentinel: (rank, process) for rank, (process, _) in enumerate(self._ranks)}
         while running and (ended := wait(list(running), timeout=max(0.0, deadline - time.monotonic()))):
             for sentinel in ended:
-                rank, process = running.pop(sentinel)  # type: ignore[call-overload]
+                rank, process = running.pop(sentinel)
                 process.join()
                 if process.exitcode == -signal.SIGKILL:
                     return rank, (Trial(batch, False, None, time.monotonic() - began, None,
                                         error="killed by the kernel's out-of-memory killer (SIGKILL)",
-                                        oom_evidence="the process died of SIGKILL while the kernel's oom_kill count "
-                                                     "(/proc/vmstat) rose"), None)
+                                        oom_evidence="the process died of SIGKILL while its cgroup's oom_kill count rose"), None)
         return None
 
     def _where(self, rank: int) -> str:
@@ -204,6 +204,7 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, port: int, model_file: Path, options: ProbeOptions, connection: Connection) -> None:
     """One rank: join the process group, build and wrap the model, run trials on request."""
+    _first_for_the_oom_killer()
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it reports, then stops the world
     os.dup2(2, 1)  # the model file's prints go to stderr: the parent's stdout carries only the result
@@ -236,6 +237,15 @@ def _rank_main(rank: int, port: int, model_file: Path, options: ProbeOptions, co
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _first_for_the_oom_killer() -> None:
+    """A rank holds the trial's memory: past a cgroup's limit, the kernel's out-of-memory killer
+    must end it, not the parent that reports the result (raising one's own score needs no privilege)."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
 
 
 def _send(connection: Connection, message: Any) -> None:

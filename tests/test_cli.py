@@ -124,49 +124,64 @@ def test_a_limit_from_outside_the_process_is_recognised_as_out_of_memory(workdir
 
 @contextlib.contextmanager
 def _memory_cgroup(limit: int) -> Iterator[Path]:
-    """A fresh memory cgroup (v1, else v2) with this limit; the test is skipped where none can be made."""
-    for controller, limit_file in ((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"), (Path("/sys/fs/cgroup"), "memory.max")):
-        is_cgroup = (controller / limit_file).exists() or "memory" in _read(controller / "cgroup.subtree_control")
-        group = controller / f"bsplan-test-{os.getpid()}"
-        try:
-            if not is_cgroup:
+    """A fresh cgroup with this memory limit (swap capped too), under this process's own cgroup
+    where it can be (else at the hierarchy's root), and a leaf below it with no limit of its own, for
+    the probe to join: the limit is an ancestor's, as a Slurm job's is. Skipped where none can be made."""
+    from bsplan.cpumem import _cgroup_paths
+
+    for version, base, path in _cgroup_paths(Path("/proc/self/cgroup"), Path("/sys/fs/cgroup")):
+        limit_files = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"] if version == "v1" else ["memory.max", "memory.swap.max"]
+        for parent in (base / path, base):
+            group = parent / f"bsplan-test-{os.getpid()}"
+            try:
+                group.mkdir()
+            except OSError:
                 continue
-            group.mkdir()
-            (group / limit_file).write_text(str(limit))
-        except OSError:
-            continue
-        try:
-            yield group
-        finally:
-            for _ in range(100):  # the processes in it have exited; the kernel may take a moment
-                try:
-                    group.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-        return
-    pytest.skip("no memory cgroup can be made here (needs root and a writable /sys/fs/cgroup)")
+            if not (group / "cgroup.procs").exists():  # a plain folder (a tmpfs where no hierarchy is mounted)
+                group.rmdir()
+                continue
+            try:
+                for name, value in zip(limit_files, (limit, limit if version == "v1" else 0)):
+                    if name == limit_files[0] or (group / name).exists():
+                        (group / name).write_text(str(value))
+                (group / "leaf").mkdir()
+            except OSError:
+                _remove(group)
+                continue
+            try:
+                yield group / "leaf"
+            finally:
+                _remove(group)
+            return
+    pytest.skip("no memory cgroup can be made here (needs root and a writable cgroup mount with the memory controller)")
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
+def _remove(group: Path) -> None:
+    """Remove a test cgroup and its leaf; its processes have exited, the kernel may take a moment."""
+    for directory in (group / "leaf", group):
+        for _ in range(100):
+            try:
+                directory.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_cgroup_limit_is_found_and_a_trial_the_kernel_kills_for_it_fails_without_ending_the_probe(workdir: Path) -> None:
     # The kernel's out-of-memory killer ends a process past a cgroup's limit: it was the probe that
     # died, with no result. Now the trials run in a child process. A --memory-limit far above the
-    # cgroup's leaves the kills alone to set the edge: 150 fits in ~410 MB of tensors, 400 needs ~1.1 GB.
-    with _memory_cgroup(1200 * 2**20) as group:
-        run = bsplan("probe", str(EXAMPLES / "cnn.py"), "--device", "cpu", "--json", "--memory-limit", "8GiB", "--min-batch", "150",
-                     "--max-batch", "400", "--multiple-of", "25", cwd=workdir,
-                     preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+    # cgroup's leaves the kills alone to set the edge: batch 100 holds 400 MiB, 400 holds 1.6 GiB.
+    with _memory_cgroup(1200 * 2**20) as leaf:
+        run = bsplan("probe", str(MODELS / "hog.py"), "--device", "cpu", "--json", "--memory-limit", "8GiB", "--min-batch", "100",
+                     "--max-batch", "400", "--multiple-of", "100", cwd=workdir,
+                     preexec_fn=lambda: (leaf / "cgroup.procs").write_text(str(os.getpid())))
     assert run.code == 0, run.stderr
     data = run.json()
     assert data["device"]["exact"] is False and any("a limit from outside the process applies (cgroup" in n for n in data["notes"])
-    assert 150 <= data["max_batch"] < 400 and data["first_oom_batch"] is not None
+    assert 100 <= data["max_batch"] < 400 and data["first_oom_batch"] is not None
     failures = [t for t in data["trials"] if not t["fits"]]
     assert failures and all(t["error"].startswith("killed by the kernel's out-of-memory killer") for t in failures)
     assert any("the trials ran in a child process" in note for note in data["notes"])

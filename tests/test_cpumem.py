@@ -96,7 +96,24 @@ def test_a_container_sees_its_limit_at_the_root_and_no_limit_is_none(tmp_path: P
     assert _cgroup_remaining(membership, mount) is None
 
 
-def test_oom_kills_reads_the_kernels_count(tmp_path: Path) -> None:
-    (tmp_path / "vmstat").write_text("pgfault 12\noom_kill 3\n")
-    assert oom_kills(tmp_path / "vmstat") == 3
-    assert oom_kills(tmp_path / "missing") is None
+def test_oom_kills_counts_this_cgroups_kills_not_the_hosts(tmp_path: Path) -> None:
+    # Another job's kill on a shared node raises the host's count (/proc/vmstat), not this cgroup's.
+    (tmp_path / "vmstat").write_text("pgfault 12\noom_kill 30\n")
+    vmstat = tmp_path / "vmstat"
+    membership, mount = _cgroup_tree(tmp_path / "v2", "0::/job\n", {"job/memory.events": "low 0\noom 2\noom_kill 2\n"})
+    assert oom_kills(membership, mount, vmstat) == 2
+    membership, mount = _cgroup_tree(tmp_path / "v1", "4:memory:/job\n0::/\n", {
+        "memory/job/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n"})
+    assert oom_kills(membership, mount, vmstat) == 1
+    membership, mount = _cgroup_tree(tmp_path / "none", "0::/\n", {})
+    assert oom_kills(membership, mount, vmstat) == 30
+    assert oom_kills(membership, mount, tmp_path / "missing") is None
+
+
+def test_a_cgroup_outside_the_namespace_and_a_malformed_limit_are_passed_over(tmp_path: Path) -> None:
+    membership, mount = _cgroup_tree(tmp_path, "0::/../elsewhere\n", {
+        "memory.max": str(GIB), "memory.current": str(GIB // 2), "../elsewhere/memory.max": "1", "../elsewhere/memory.current": "0",
+    })
+    assert _cgroup_remaining(membership, mount) == HostLimit("cgroup memory.max", GIB // 2)
+    (mount / "memory.max").write_text("")
+    assert _cgroup_remaining(membership, mount) is None

@@ -110,9 +110,10 @@ def test_strategy_options_are_checked(workdir: Path) -> None:
 
 
 def test_a_trial_process_the_out_of_memory_killer_ends_fails_its_trial_and_the_next_starts_afresh(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     monkeypatch.setenv("KILLED_BATCH", "10")
+    monkeypatch.setenv("SCORE_FILE", str(tmp_path / "scores"))
     kills = itertools.count()
     monkeypatch.setattr(distributed, "oom_kills", lambda: next(kills))  # rises at every reading, as after a kill
     with distributed.World(MODELS / "killed.py", ProbeOptions(device="cpu", memory_limit=64 * MIB), "a cgroup's limit") as world:
@@ -122,6 +123,8 @@ def test_a_trial_process_the_out_of_memory_killer_ends_fails_its_trial_and_the_n
         assert "oom_kill" in killed.oom_evidence
         assert world(9).fits  # a fresh process
         assert any(note.startswith("a cgroup's limit: the trials ran in a child process") for note in world.notes)
+    # Each trial process offers itself first to the killer: the parent, which reports, survives.
+    assert (tmp_path / "scores").read_text().split() == ["1000", "1000"]
 
 
 def test_a_trial_process_killed_by_anything_else_stops_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:

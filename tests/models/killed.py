@@ -1,6 +1,7 @@
 """Its process is killed with SIGKILL, as the kernel's out-of-memory killer ends one past a cgroup's
 limit, from KILLED_BATCH samples up: on rank KILLED_RANK only, where that is set. With PEER_ERROR
-set, the other ranks raise the error gloo raises when a peer is gone, just before the kill."""
+set, the other ranks raise the error gloo raises when a peer is gone, just before the kill. With
+SCORE_FILE set, each process appends its oom_score_adj there."""
 
 import os
 import signal
@@ -13,6 +14,9 @@ RANK = os.environ.get("KILLED_RANK", os.environ.get("RANK"))
 
 
 def build_model():
+    if os.environ.get("SCORE_FILE"):  # what the kernel's out-of-memory killer weighs this process at
+        with open(os.environ["SCORE_FILE"], "a") as record:
+            record.write(open("/proc/self/oom_score_adj").read())
     return torch.nn.Linear(8, 8)
 
 
