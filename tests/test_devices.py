@@ -128,3 +128,17 @@ def test_an_address_space_limit_below_the_memory_limit_is_named_so_the_probe_res
     monkeypatch.setattr(probe_module, "_world", world)
     with pytest.raises(ChoseTheWorld):  # trials in a child process, restarted after each failure
         run_probe(MODELS / "tiny.py", ProbeOptions(device="cpu", memory_limit=8 * 2**30), SimpleNamespace())
+
+
+def test_without_a_memory_limit_the_cpu_keeps_a_reserve_of_the_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Aimed at all of MemAvailable, a probe's first jump left the kernel reclaiming the pages of
+    # running code: it hung for minutes. The reserve leaves them room.
+    from bsplan import devices
+    from bsplan.cpumem import HostLimit
+
+    monkeypatch.setattr(devices, "host_limits", lambda: [HostLimit("MemAvailable", 16 * 2**30)])
+    cpu = devices.CpuDevice(None)
+    assert cpu.info.total_bytes == 16 * 2**30 - (int(1.6 * 2**30) + 2**30)
+    assert (cpu.info.limit_source, cpu.info.exact) == ("MemAvailable", True)
+    assert any("less 2.6 GiB kept for the OS" in note for note in cpu.notes)
+    assert devices.CpuDevice(2**30).info.total_bytes == 2**30  # a --memory-limit is taken as given
