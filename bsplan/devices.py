@@ -73,15 +73,16 @@ class CudaDevice:
         self.cuda.synchronize(self.index)
 
 
+# What a probe without --memory-limit leaves of the memory available (available_reserve).
+RESERVE_FRACTION, RESERVE_BYTES = 0.1, 2**30
+
+
 def available_reserve(available: int) -> int:
     """What a probe without --memory-limit leaves of the memory available: MemAvailable is no edge
     to aim at. Long before the tensors fill it the kernel reclaims the pages of running code and the
     machine thrashes (measured: a probe aiming at 22.9 GiB hung past 3 minutes at its first jump).
     The reserve covers the code's pages and the heap and scratch memory the tensors do not count."""
     return int(available * RESERVE_FRACTION) + RESERVE_BYTES
-
-
-RESERVE_FRACTION, RESERVE_BYTES = 0.1, 2**30
 
 
 class CpuDevice:
