@@ -106,7 +106,7 @@ def probe(
     model_file: Path = typer.Argument(..., help="Python file defining build_model() and make_batch(batch_size) (docs/model-file.md)."),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda:0 when CUDA is available, else cpu."),
     memory_limit: Optional[str] = typer.Option(
-        None, help="Memory a batch may use, e.g. 300MiB, 2GiB, 2GB or bytes. On the CPU it counts tensor bytes exactly, like a GPU's allocator."
+        None, help="Memory a batch may use, e.g. 300MiB, 2GiB, 2GB or bytes. On the CPU it counts tensor bytes exactly, like a GPU's allocator; without it, the CPU takes what the OS has available less 10% + 1 GiB."
     ),
     precision: Precision = typer.Option(Precision.fp32, help="fp32, or autocast to bf16 / fp16 (fp16 with a GradScaler)."),
     mode: Mode = typer.Option(Mode.train, help="train: forward, backward and optimizer step. infer: forward under inference_mode."),
