@@ -63,14 +63,11 @@ class _Bracket:
 
 
 def find_max_batch(
-    run: Callable[[int], Trial], min_batch: int, max_batch: int, multiple_of: int = 1, limit_bytes: int | None = None,
-    limit_is_edge: bool = True,
+    run: Callable[[int], Trial], min_batch: int, max_batch: int, multiple_of: int = 1, limit_bytes: int | None = None
 ) -> SearchOutcome:
     """The exact largest multiple of `multiple_of` in [min_batch, max_batch] that fits, assuming a
     batch that fails makes every larger one fail too. With `limit_bytes` (the device's memory)
-    the search predicts the boundary from the trials' phase peaks; without, it doubles and bisects.
-    A limit that is not the edge the peaks meet (a limit from outside the process, which counts
-    memory the peaks do not) only aims the search until the first failure; bisection follows."""
+    the search predicts the boundary from the trials' phase peaks; without, it doubles and bisects."""
     low = -(-min_batch // multiple_of)
     top = max_batch // multiple_of
     if low > top:
@@ -88,8 +85,7 @@ def find_max_batch(
         if bracket.fail == bracket.fit + 1:
             return SearchOutcome(bracket.fit * multiple_of, bracket.fail * multiple_of, capped=False)
         widths.append((top + 1 if bracket.fail is None else bracket.fail) - bracket.fit)
-        aim = limit_bytes if limit_is_edge or bracket.fail is None else None
-        unit, kind = _next_unit(bracket, unit, top, aim, multiple_of, kinds, widths)
+        unit, kind = _next_unit(bracket, unit, top, limit_bytes, multiple_of, kinds, widths)
         kinds.append(kind)
 
 

@@ -183,22 +183,3 @@ def test_a_failed_recheck_under_an_outside_limit_keeps_the_failure_and_no_cap() 
     device = DeviceInfo("cpu", "cpu", 300 * MIB, "RLIMIT_DATA", exact=False)
     outcome = _search(run, ProbeOptions(search="bisect", max_batch=4096), device)
     assert (outcome.max_fit, outcome.first_fail, outcome.capped) == (99, 100, False)
-
-
-def test_a_limit_that_is_not_the_edge_aims_the_first_jump_then_the_bracket_is_bisected() -> None:
-    # Under a cgroup's limit the trial process holds memory its tensors' peaks do not count: the
-    # limit says 848 MiB, the peaks meet the edge at 583 MiB (as measured with examples/cnn.py).
-    memory = affine(3 * MIB, 2.6 * MIB)
-    edge = 583 * MIB
-    aimed = FakeDevice(memory, edge)
-    outcome = find_max_batch(aimed, 1, 2**16, 1, 848 * MIB, limit_is_edge=False)
-    assert outcome.max_fit == truth(memory, edge) and outcome.first_fail == outcome.max_fit + 1
-    first_failure = next(i for i, batch in enumerate(aimed.tried) if memory(batch) > edge)
-    assert aimed.tried[first_failure] == truth(memory, 848 * MIB)  # the jump aimed at the limit
-    fit, fail = max(b for b in aimed.tried[:first_failure] if memory(b) <= edge), aimed.tried[first_failure]
-    for batch in aimed.tried[first_failure + 1:]:  # then each candidate halves the bracket
-        assert batch == (fit + fail) // 2
-        fit, fail = (batch, fail) if memory(batch) <= edge else (fit, batch)
-    trusted = FakeDevice(memory, edge)
-    find_max_batch(trusted, 1, 2**16, 1, 848 * MIB)
-    assert len(aimed.tried) < len(trusted.tried)
