@@ -209,13 +209,13 @@ def _search(run: Callable[[int], Trial], options: ProbeOptions, device: DeviceIn
     """The search; under a limit from outside the process the largest fit is checked again, and
     the search goes on below it while the re-check fails (the edge is a band)."""
     limit = device.total_bytes if options.search == "predict" else None
-    outcome = find_max_batch(run, options.min_batch, options.max_batch, options.multiple_of, limit)
+    outcome = find_max_batch(run, options.min_batch, options.max_batch, options.multiple_of, limit, device.exact)
     while not device.exact and outcome.max_fit is not None and not run(outcome.max_fit).fits:
         failed = outcome.max_fit
         below = failed - options.multiple_of
         if below < options.min_batch:
             return SearchOutcome(None, failed, capped=False)
-        outcome = find_max_batch(run, options.min_batch, below, options.multiple_of, limit)
+        outcome = find_max_batch(run, options.min_batch, below, options.multiple_of, limit, device.exact)
         outcome = SearchOutcome(outcome.max_fit, min(outcome.first_fail or failed, failed), capped=False)
     return outcome
 

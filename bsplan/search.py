@@ -63,11 +63,15 @@ class _Bracket:
 
 
 def find_max_batch(
-    run: Callable[[int], Trial], min_batch: int, max_batch: int, multiple_of: int = 1, limit_bytes: int | None = None
+    run: Callable[[int], Trial], min_batch: int, max_batch: int, multiple_of: int = 1, limit_bytes: int | None = None,
+    limit_is_edge: bool = True,
 ) -> SearchOutcome:
     """The exact largest multiple of `multiple_of` in [min_batch, max_batch] that fits, assuming a
     batch that fails makes every larger one fail too. With `limit_bytes` (the device's memory)
-    the search predicts the boundary from the trials' phase peaks; without, it doubles and bisects."""
+    the search predicts the boundary from the trials' phase peaks; without, it doubles and bisects.
+    A limit that is not the edge the peaks meet (one from outside the process, which counts memory
+    the peaks do not) stops the predictions once a retry just below a failed one fails too: the
+    line aims at the wrong limit, and would land just below the failure again."""
     low = -(-min_batch // multiple_of)
     top = max_batch // multiple_of
     if low > top:
@@ -75,9 +79,12 @@ def find_max_batch(
     bracket = _Bracket()
     kinds: list[str] = []  # how each candidate after the first was chosen
     widths: list[int] = []  # the bracket's width after each trial (the cap standing in for a failure)
-    unit = low
+    unit, aim = low, limit_bytes
     while True:
-        bracket.record(unit, run(unit * multiple_of))
+        trial = run(unit * multiple_of)
+        bracket.record(unit, trial)
+        if not limit_is_edge and kinds[-1:] == ["retry"] and not trial.fits:
+            aim = None
         if bracket.fit is None:
             return SearchOutcome(None, low * multiple_of, capped=False)
         if bracket.fit == top:
@@ -85,7 +92,7 @@ def find_max_batch(
         if bracket.fail == bracket.fit + 1:
             return SearchOutcome(bracket.fit * multiple_of, bracket.fail * multiple_of, capped=False)
         widths.append((top + 1 if bracket.fail is None else bracket.fail) - bracket.fit)
-        unit, kind = _next_unit(bracket, unit, top, limit_bytes, multiple_of, kinds, widths)
+        unit, kind = _next_unit(bracket, unit, top, aim, multiple_of, kinds, widths)
         kinds.append(kind)
 
 

@@ -183,3 +183,21 @@ def test_a_failed_recheck_under_an_outside_limit_keeps_the_failure_and_no_cap() 
     device = DeviceInfo("cpu", "cpu", 300 * MIB, "RLIMIT_DATA", exact=False)
     outcome = _search(run, ProbeOptions(search="bisect", max_batch=4096), device)
     assert (outcome.max_fit, outcome.first_fail, outcome.capped) == (99, 100, False)
+
+
+def test_a_limit_that_is_not_the_edge_stops_predicting_once_a_retry_below_a_failed_prediction_fails() -> None:
+    # Under a cgroup's limit the trial process holds memory its tensors' peaks do not count: the
+    # limit says 848 MiB, the peaks meet the edge at 583 MiB (as measured with examples/cnn.py).
+    # Aimed at the limit, the line keeps landing just below the last failure (322, 321 after 324, 323).
+    memory = lambda batch: 3 * MIB + 2.6 * MIB * batch + 100 * batch * batch  # noqa: E731 - slightly convex, as measured
+    edge = 583 * MIB
+    outside, trusted = FakeDevice(memory, edge), FakeDevice(memory, edge)
+    outcome = find_max_batch(outside, 1, 2**16, 1, 848 * MIB, limit_is_edge=False)
+    assert (outcome.max_fit, outcome.first_fail) == (truth(memory, edge), truth(memory, edge) + 1)
+    assert outside.tried[2:5] == [324, 323, 165]  # the jump at the limit, the retry, then bisection
+    fit, fail = 165, 323
+    for batch in outside.tried[5:]:
+        assert batch == (fit + fail) // 2
+        fit, fail = (batch, fail) if memory(batch) <= edge else (fit, batch)
+    find_max_batch(trusted, 1, 2**16, 1, 848 * MIB)  # an exact device's search keeps predicting
+    assert trusted.tried[5:7] == [322, 321] and len(outside.tried) < len(trusted.tried)
