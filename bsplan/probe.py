@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -174,17 +177,43 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> Pr
             progress.started(batch)
             trial = source(batch)
             progress.finished(trial)
+            if interrupts:  # a Ctrl-C that was lost where it was raised
+                raise KeyboardInterrupt
             return trial
 
         interrupted = False
         try:
-            outcome = _search(run, options, source.device)
+            with _latched_interrupts() as interrupts:
+                outcome = _search(run, options, source.device)
         except KeyboardInterrupt:
             interrupted = True
             progress.note("interrupted: reporting the trials measured so far")
             outcome = _outcome_of(source.trials)
         static = source.static()
     return _result(source, static, options, outcome, interrupted)
+
+
+@contextlib.contextmanager
+def _latched_interrupts() -> Iterator[list[int]]:
+    """Ctrl-C that cannot be lost. Python raises KeyboardInterrupt wherever the interpreter is, and
+    in a weakref callback (cpumem uncounts each freed tensor in one, thousands a step) an exception
+    is printed and dropped: the probe ran on to the end. The latch remembers it for the search to
+    stop after the trial. Where Ctrl-C is ignored (a background job) it stays ignored."""
+    interrupts: list[int] = []
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        interrupts.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield interrupts
+        return
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield interrupts
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _why_restart(outside_limit: str | None) -> str | None:
