@@ -162,7 +162,7 @@ class World:
 
     def _killed_for_memory(self, batch: int | None) -> tuple[int, tuple[Trial, None]] | None:
         """The rank that the kernel's out-of-memory killer ended during the trial of `batch`, with
-        that trial's failure: a rank that died of SIGKILL while the kernel's oom_kill count rose.
+        that trial's failure: a rank that died of SIGKILL while its cgroup's oom_kill count rose.
         None where no trial runs, no rank died so, or the count cannot be read."""
         began, kills = self._trial_began
         if batch is None or kills is None or (oom_kills() or 0) <= kills:
