@@ -129,10 +129,10 @@ class HostLimit:
 def host_limits() -> list[HostLimit]:
     """What the OS lets this process still allocate: memory available, cgroup and rlimits."""
     limits = []
-    meminfo = _read_kib_fields(Path("/proc/meminfo"))
+    meminfo = _read_counters(Path("/proc/meminfo"))
     if "MemAvailable" in meminfo:
         limits.append(HostLimit("MemAvailable", meminfo["MemAvailable"]))
-    status = _read_kib_fields(Path("/proc/self/status"))
+    status = _read_counters(Path("/proc/self/status"))
     for name, used_field in zip(ADDRESS_SPACE_LIMITS, ("VmData", "VmSize")):
         soft, _ = resource.getrlimit(getattr(resource, name))
         if soft != resource.RLIM_INFINITY:
@@ -156,19 +156,6 @@ def return_freed_memory() -> None:
     """Collect garbage (cycles through an exception's frames hold tensors), then trim the heap."""
     gc.collect()
     trim_heap()
-
-
-def _read_kib_fields(path: Path) -> dict[str, int]:
-    fields = {}
-    try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(":")
-            parts = value.split()
-            if len(parts) == 2 and parts[1] == "kB":
-                fields[name] = int(parts[0]) * 1024
-    except OSError:
-        pass
-    return fields
 
 
 def _cgroup_remaining(membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> HostLimit | None:
@@ -234,9 +221,14 @@ def oom_kills(
 
 
 def _read_counters(path: Path) -> dict[str, int]:
-    """A file of "name value" lines (a cgroup's memory.stat, /proc/vmstat) as numbers."""
+    """A file of "name value" lines as numbers: a cgroup's memory.stat and /proc/vmstat ("oom_kill 3"),
+    /proc/meminfo and /proc/self/status ("VmData:   1024 kB", in bytes). Other lines are passed over."""
     try:
-        pairs = (line.split() for line in path.read_text().splitlines())
-        return {parts[0]: int(parts[1]) for parts in pairs if len(parts) == 2 and parts[1].isdigit()}
+        lines = path.read_text().splitlines()
     except OSError:
         return {}
+    counters = {}
+    for parts in (line.split() for line in lines):
+        if len(parts) in (2, 3) and parts[1].isdigit() and parts[2:] in ([], ["kB"]):
+            counters[parts[0].removesuffix(":")] = int(parts[1]) * (1024 if parts[2:] else 1)
+    return counters

@@ -103,8 +103,8 @@ class CpuDevice:
             limit, source = tightest.remaining_bytes, tightest.source
             reserve = ""
             if source == "MemAvailable":
-                limit = max(0, limit - available_reserve(limit))
-                reserve = f" less {format_bytes(available_reserve(tightest.remaining_bytes))} kept for the OS"
+                kept = available_reserve(limit)
+                limit, reserve = max(0, limit - kept), f" less {format_bytes(kept)} kept for the OS"
             self.notes.append(
                 f"no --memory-limit: limited to what {tightest.source} allowed at start{reserve} "
                 f"({format_bytes(limit)}); give --memory-limit for a reproducible number"
