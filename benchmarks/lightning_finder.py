@@ -21,9 +21,9 @@ import torch
 from lightning.pytorch.tuner import Tuner
 from torch.utils.data import DataLoader, IterableDataset
 
-from bsplan.cpumem import TensorBytesLimit
-from bsplan.units import parse_size
-from bsplan.workload import Workload, load_workload
+from bsplan.backends.cpu import TensorBytesLimit
+from bsplan.measure.workload import Workload, load_workload
+from bsplan.planning.units import parse_size
 
 
 class Batches(IterableDataset):

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bsplan.result import Trial
-from bsplan.search import find_max_batch
-from bsplan.units import parse_size
+from bsplan.measure.search import find_max_batch
+from bsplan.planning.results import Trial
+from bsplan.planning.units import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bsplan.units import parse_size
+from bsplan.planning.units import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """A plain PyTorch training loop with bsplan's AutoBatch: every optimizer step trains on the same
 batch of 2048 samples, and when memory runs out the step is re-run in smaller micro-batches.
 
-The memory here is the CPU's under bsplan's exact tensor-byte limit (bsplan.cpumem), a stand-in
+The memory here is the CPU's under bsplan's exact tensor-byte limit (bsplan.backends.cpu), a stand-in
 for a GPU of that size, so the shrink shows on any machine. On a GPU, pass --device cuda: the
 limit then counts nothing and the GPU's own memory decides.
 
@@ -15,9 +15,9 @@ import argparse
 import torch
 from mlp import build_model, compute_loss, make_batch  # examples/mlp.py, a model file for `bsplan probe`
 
-from bsplan.autobatch import AutoBatch, MicroBatchChange
-from bsplan.cpumem import TensorBytesLimit
-from bsplan.units import parse_size
+from bsplan.backends.cpu import TensorBytesLimit
+from bsplan.planning.units import parse_size
+from bsplan.runtime.autobatch import AutoBatch, MicroBatchChange
 
 
 def report(change: MicroBatchChange) -> None:

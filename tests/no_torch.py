@@ -10,7 +10,7 @@ from pathlib import Path
 _REPORT_TORCH = """
 import sys
 sys.argv = ["bsplan", *sys.argv[1:]]
-from bsplan.cli import main
+from bsplan.cli.app import main
 try:
     main()
 except SystemExit as done:

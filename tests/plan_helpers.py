@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bsplan.result import LAST_PROBE, Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
+from bsplan.planning.results import LAST_PROBE, Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
 
 # A GPU probe of a small CNN: batch 52 fits, 53 does not, recommended 45; throughput peaks at 32.
 TIMINGS = {1: 40.0, 2: 80.0, 4: 160.0, 8: 300.0, 16: 520.0, 32: 800.0, 48: 700.0, 52: 690.0}

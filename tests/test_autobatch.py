@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bsplan.autobatch import AutoBatch, AutoBatchError, MicroBatchChange, NoMicroBatchFits, split_batch
-from bsplan.cpumem import TensorBytesLimit
+from bsplan.backends.cpu import TensorBytesLimit
+from bsplan.runtime.autobatch import AutoBatch, AutoBatchError, MicroBatchChange, NoMicroBatchFits, split_batch
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 

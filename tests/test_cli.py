@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from conftest import EXAMPLES, MODELS, bsplan
 
 PROBE_FIELDS = {
@@ -129,7 +128,7 @@ def _memory_cgroup(limit: int) -> Iterator[Path]:
     """A fresh cgroup with this memory limit (swap capped too), under this process's own cgroup
     where it can be (else at the hierarchy's root), and a leaf below it with no limit of its own, for
     the probe to join: the limit is an ancestor's, as a Slurm job's is. Skipped where none can be made."""
-    from bsplan.cpumem import _cgroup_paths
+    from bsplan.backends.host import _cgroup_paths
 
     for version, base, path in _cgroup_paths(Path("/proc/self/cgroup"), Path("/sys/fs/cgroup")):
         limit_files = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"] if version == "v1" else ["memory.max", "memory.swap.max"]
@@ -215,7 +214,7 @@ def test_errors_are_one_sentence_with_exit_code_and_json(workdir: Path, args: li
     assert run.stdout == ""
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") or "Error" in last
-    assert "bsplan/cli.py" not in run.stderr  # never bsplan's own traceback
+    assert "bsplan/cli/" not in run.stderr  # never bsplan's own traceback
     as_json = bsplan(*args, "--json", cwd=workdir)
     assert as_json.code == code
     assert message in as_json.json()["error"]

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bsplan.cpumem import HostLimit, TensorBytesLimit, _cgroup_remaining, host_limits, oom_kills
+from bsplan.backends.cpu import TensorBytesLimit
+from bsplan.backends.host import HostLimit, _cgroup_remaining, host_limits, oom_kills
 
 GIB = 2**30
 

@@ -8,13 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from bsplan import probe as probe_module
-from bsplan.cpumem import TensorBytesLimit
-from bsplan.devices import CudaDevice, open_device
-from bsplan.errors import BadInput
-from bsplan.probe import ProbeOptions, run_probe
 from conftest import EXAMPLES, MODELS
+
+from bsplan.backends.cpu import TensorBytesLimit
+from bsplan.backends.cuda import CudaDevice
+from bsplan.backends.device import open_device
+from bsplan.measure import probe as probe_module
+from bsplan.measure import sources
+from bsplan.measure.options import ProbeOptions
+from bsplan.measure.probe import run_probe
+from bsplan.planning.errors import BadInput
 
 GIB = 2**30
 
@@ -76,7 +79,7 @@ def _probe_on_fake_cuda(monkeypatch: pytest.MonkeyPatch, model: str, total: int,
     cuda = FakeCuda(total)
     device = CudaDevice(0, options.memory_limit, cuda)
     device.torch_device = torch.device("cpu")  # tensors live on the CPU; the counters are CUDA's
-    monkeypatch.setattr(probe_module, "open_device", lambda spec, limit: device)
+    monkeypatch.setattr(sources, "open_device", lambda spec, limit: device)
     progress = SimpleNamespace(started=lambda batch: None, finished=lambda trial: None, note=lambda text: None)
     with cuda.counter:
         return run_probe(model, options, progress), cuda
@@ -108,8 +111,8 @@ def test_open_device_refuses_unknown_and_missing_devices() -> None:
 def test_an_address_space_limit_below_the_memory_limit_is_named_so_the_probe_restarts_after_failures(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from bsplan import devices
-    from bsplan.cpumem import HostLimit
+    from bsplan.backends import cpu as devices
+    from bsplan.backends.host import HostLimit
 
     limits = [HostLimit("MemAvailable", 16 * 2**30), HostLimit("RLIMIT_DATA", 2**30)]
     monkeypatch.setattr(devices, "host_limits", lambda: limits)
@@ -125,7 +128,7 @@ def test_an_address_space_limit_below_the_memory_limit_is_named_so_the_probe_res
     def world(*_: object) -> None:
         raise ChoseTheWorld
 
-    monkeypatch.setattr(probe_module, "_world", world)
+    monkeypatch.setattr(probe_module, "World", world)
     with pytest.raises(ChoseTheWorld):  # trials in a child process, restarted after each failure
         run_probe(MODELS / "tiny.py", ProbeOptions(device="cpu", memory_limit=8 * 2**30), SimpleNamespace())
 
@@ -133,8 +136,8 @@ def test_an_address_space_limit_below_the_memory_limit_is_named_so_the_probe_res
 def test_without_a_memory_limit_the_cpu_keeps_a_reserve_of_the_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     # Aimed at all of MemAvailable, a probe's first jump left the kernel reclaiming the pages of
     # running code: it hung for minutes. The reserve leaves them room.
-    from bsplan import devices
-    from bsplan.cpumem import HostLimit
+    from bsplan.backends import cpu as devices
+    from bsplan.backends.host import HostLimit
 
     monkeypatch.setattr(devices, "host_limits", lambda: [HostLimit("MemAvailable", 16 * 2**30)])
     cpu = devices.CpuDevice(None)

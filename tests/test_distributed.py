@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from bsplan import distributed
-from bsplan.errors import BsplanError
-from bsplan.probe import ProbeOptions
 from conftest import EXAMPLES, MODELS, bsplan
+
+from bsplan.measure import world as distributed
+from bsplan.measure.options import ProbeOptions
+from bsplan.planning.errors import BsplanError
 
 MIB = 2**20
 

@@ -9,15 +9,17 @@ import math
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from bsplan import cli
-from bsplan.estimate import EstimateOptions, Measurement, measure, predict_for
-from bsplan.gpus import find_gpu
-from bsplan.probe import ProbeOptions, run_probe
-from bsplan.result import Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
 from conftest import EXAMPLES, MODELS, bsplan
 from no_torch import run_without_torch
+from typer.testing import CliRunner
+
+from bsplan.cli import app as cli
+from bsplan.measure.estimate import measure
+from bsplan.measure.options import ProbeOptions
+from bsplan.measure.probe import run_probe
+from bsplan.planning.catalog import find_gpu
+from bsplan.planning.prediction import EstimateOptions, Measurement, predict_for
+from bsplan.planning.results import Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
 
 MIB = 2**20
 LIMIT = 300 * MIB

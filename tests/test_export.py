@@ -8,8 +8,9 @@ import shlex
 
 import pytest
 
-from bsplan.export import export_plan
-from bsplan.plan import Plan, PlanOptions, make_plan
+from bsplan.planning.export import export_plan
+from bsplan.planning.plan import Plan, PlanOptions
+from bsplan.planning.planner import make_plan
 
 # TrainingArguments fields the HF export may set (transformers' training_args.py).
 HF_FIELDS = {"per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "warmup_steps"}

@@ -8,14 +8,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
-
-from bsplan import cli, nvml
-from bsplan.errors import BadInput
-from bsplan.gpus import CATALOG, MIB, find_gpu, match_nvml_name
-from bsplan.nvml import Gpu, cuda_indices, query
 from conftest import bsplan
 from no_torch import run_without_torch
+from typer.testing import CliRunner
+
+from bsplan.backends import nvml
+from bsplan.backends.nvml import Gpu, cuda_indices, query
+from bsplan.cli import app as cli
+from bsplan.planning.catalog import CATALOG, MIB, find_gpu, match_nvml_name
+from bsplan.planning.errors import BadInput
 
 # --- the catalogue -----------------------------------------------------------------------------
 

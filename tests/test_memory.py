@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bsplan.memory import (
+from bsplan.planning.memory_line import (
     ALLOCATOR_RESERVE_BYTES, DEFAULT_CUDA_CONTEXT_BYTES, MIB, MemoryLine, Overheads, cuda_overheads, fit_line, fit_top, predict,
     round_recommended,
 )
@@ -87,13 +87,13 @@ def test_the_largest_batch_fits_and_one_more_does_not(base: int, per_sample: int
 
 
 def test_the_probe_recommends_on_the_line_plan_recomputes_from_its_trials() -> None:
-    """probe's recommended_batch and plan's recomputation (SavedProbe.memory) share memory.fit_top:
+    """probe's recommended_batch and plan's recomputation (SavedProbe.memory) share memory_line.fit_top:
     on a convex shape (the mlp's: flat while the optimizer step sets the peak) a least-squares line
     over every trial would recommend another batch."""
     import math
 
-    from bsplan.probe import _recommended
-    from bsplan.result import Trial
+    from bsplan.measure.probe import recommended_batch
+    from bsplan.planning.results import Trial
 
     peaks = {1: 10_700_000, 8: 10_750_000, 64: 11_000_000, 512: 13_900_000, 4096: 54_500_000, 6000: 76_000_000}
     trials = [Trial(batch, True, peak, 1.0, 1.0) for batch, peak in peaks.items()]
@@ -104,4 +104,4 @@ def test_the_probe_recommends_on_the_line_plan_recomputes_from_its_trials() -> N
     least_squares = fit_line(list(peaks.items()))
     assert least_squares is not None
     assert round_recommended(math.floor((budget - least_squares.base_bytes) / least_squares.per_sample_bytes)) != on_fit_top
-    assert _recommended(trials, 27039, budget) == on_fit_top
+    assert recommended_batch(trials, 27039, budget) == on_fit_top

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bsplan.oom import Failure, classify
+from bsplan.measure.oom import Failure, classify
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,11 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from plan_helpers import probe_data, save_probe
 
-from bsplan.errors import BadInput
-from bsplan.result import SAME_THROUGHPUT
-from bsplan.plan import PlanOptions, decompose, make_plan, nearest_achievable
+from bsplan.planning.decomposition import decompose, nearest_achievable
+from bsplan.planning.errors import BadInput
+from bsplan.planning.plan import PlanOptions
+from bsplan.planning.planner import make_plan
+from bsplan.planning.results import SAME_THROUGHPUT
 
 
 def _valid(micro: int, global_batch: int, world: int, limit: int | None, multiple_of: int) -> bool:

@@ -87,11 +87,10 @@ def test_bad_input_exits_2(workdir: Path, args: tuple[str, ...], match: str) -> 
     assert match in run.stderr + run.stdout
 
 
-def test_the_cli_offers_exactly_the_cores_choices() -> None:
-    from bsplan.cli import Optimizer, PlanFormat, Scaling
-    from bsplan.export import FORMATS
-    from bsplan.scaling import OPTIMIZERS, SCALINGS
+def test_every_format_the_cli_offers_exports_a_plan(workdir: Path) -> None:
+    from bsplan.planning.choices import ExportFormat, PlanFormat
 
-    assert [o.value for o in Optimizer] == list(OPTIMIZERS)
-    assert [s.value for s in Scaling] == list(SCALINGS)
-    assert [f.value for f in PlanFormat] == ["table", "json", *FORMATS]
+    assert PlanFormat.values() == ("table", "json", *ExportFormat.values())
+    for fmt in ExportFormat.values():
+        run = bsplan("plan", "--target", "64", "--max-micro", "16", "--format", fmt, cwd=workdir)
+        assert run.code == 0 and run.stdout.strip(), (fmt, run.stderr)

@@ -7,10 +7,11 @@ import signal
 import weakref
 
 import pytest
-
-from bsplan.probe import ProbeOptions, run_probe
-from bsplan.result import Trial
 from conftest import MODELS
+
+from bsplan.measure.options import ProbeOptions
+from bsplan.measure.probe import run_probe
+from bsplan.planning.results import Trial
 
 
 class _Referent:
@@ -19,7 +20,7 @@ class _Referent:
 
 class InterruptInACallback:
     """Progress that presses Ctrl-C after the second trial, from inside a weakref callback (where
-    cpumem uncounts freed tensors): there Python prints the KeyboardInterrupt and drops it."""
+    the counted CPU limit uncounts freed tensors): there Python prints the KeyboardInterrupt and drops it."""
 
     def __init__(self) -> None:
         self.finished_batches: list[int] = []

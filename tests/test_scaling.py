@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bsplan.errors import BadInput
-from bsplan.scaling import (
+from bsplan.planning.errors import BadInput
+from bsplan.planning.scaling import (
     GOYAL, LAMB, MA_YARATS, MALLADI, LearningRate, Schedule, adam_warmup_steps, choose_warmup, scale_learning_rate,
 )
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bsplan.result import Trial
-from bsplan.search import find_max_batch
+from bsplan.measure.search import find_max_batch
+from bsplan.planning.results import Trial
 
 MIB = 2**20
 
@@ -169,8 +169,9 @@ def test_no_multiple_in_range_is_refused() -> None:
 
 def test_a_failed_recheck_under_an_outside_limit_keeps_the_failure_and_no_cap() -> None:
     """Under an OS limit the largest fit is re-checked; when it fails there, it is the first failure."""
-    from bsplan.probe import ProbeOptions, _search
-    from bsplan.result import DeviceInfo
+    from bsplan.measure.options import ProbeOptions
+    from bsplan.measure.probe import _search
+    from bsplan.planning.results import DeviceInfo
 
     outcomes = {100: [True, False]}  # batch 100 fits once, then not
     tried: list[int] = []

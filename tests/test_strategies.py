@@ -9,23 +9,24 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES, MODELS
 from hypothesis import given
 from hypothesis import strategies as st
-from typer.testing import CliRunner
-
-from bsplan import cli
-from bsplan.estimate import EstimateOptions, Measurement, predict_for
-from bsplan.export import export_plan
-from bsplan.memory import MemoryLine
-from bsplan.plan import PlanOptions, make_plan
-from bsplan.probe import ProbeOptions, run_probe
-from bsplan.result import Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
-from bsplan.strategies import (
-    BY_SIMPLICITY, SINGLE, STRATEGIES, Layout, ModelStates, gathered_bytes, per_device, per_device_line,
-)
-from conftest import EXAMPLES, MODELS
 from no_torch import run_without_torch
 from test_estimate import LIMIT, Quiet, measured
+from typer.testing import CliRunner
+
+from bsplan.cli import app as cli
+from bsplan.measure.options import ProbeOptions
+from bsplan.measure.probe import run_probe
+from bsplan.planning.choices import Strategy
+from bsplan.planning.export import export_plan
+from bsplan.planning.memory_line import MemoryLine
+from bsplan.planning.plan import PlanOptions
+from bsplan.planning.planner import make_plan
+from bsplan.planning.prediction import EstimateOptions, Measurement, predict_for
+from bsplan.planning.results import Breakdown, DeviceInfo, ModelInfo, ProbeResult, Trial
+from bsplan.planning.strategies import BY_SIMPLICITY, SINGLE, Layout, ModelStates, gathered_bytes, per_device, per_device_line
 
 GIB = 2**30
 MIB = 2**20
@@ -84,7 +85,7 @@ def test_the_peak_line_moves_by_the_states_live_at_the_peak() -> None:
     assert per_device_line(full, replica, Layout("zero2", 2)) == MemoryLine(250, 7)
 
 
-layouts = st.builds(Layout, st.sampled_from(STRATEGIES[1:]), st.integers(1, 64), st.booleans()).map(
+layouts = st.builds(Layout, st.sampled_from(list(Strategy)[1:]), st.integers(1, 64), st.booleans()).map(
     lambda layout: Layout(layout.strategy, layout.world_size, layout.bucket_view and layout.strategy == "ddp"))
 
 

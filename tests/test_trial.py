@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
-from bsplan.devices import CpuDevice
-from bsplan.errors import UserCodeError
-from bsplan.trial import TrialRunner
-from bsplan.workload import load_workload
 from conftest import EXAMPLES, MODELS
+
+from bsplan.backends.cpu import CpuDevice
+from bsplan.measure.trial import TrialRunner
+from bsplan.measure.workload import load_workload
+from bsplan.planning.errors import UserCodeError
 
 
 def _runner(model_file, limit: int, **options) -> tuple[TrialRunner, CpuDevice]:
@@ -121,7 +121,7 @@ def test_a_shape_mismatch_is_the_users_error_never_out_of_memory() -> None:
         with pytest.raises(UserCodeError, match="RuntimeError: mat1 and mat2 shapes") as raised:
             runner(4)
         assert "shape_error.py" in raised.value.traceback_text
-        assert "bsplan/trial.py" not in raised.value.traceback_text
+        assert "bsplan/measure/trial.py" not in raised.value.traceback_text
     finally:
         device.tracking().__exit__(None, None, None)
 
@@ -158,7 +158,7 @@ def test_fp16_counts_the_optimizer_state_even_when_gradients_would_overflow() ->
     ("torch.optim.SGD(parameters, lr=0.1)", 0), ("torch.optim.Adagrad(parameters)", 1),
 ])
 def test_without_a_completed_step_the_optimizer_state_is_estimated_from_its_type(tmp_path, optimizer: str, states: int) -> None:
-    from bsplan.probe import measure_static
+    from bsplan.measure.sources import measure_static
 
     model_file = tmp_path / "model.py"
     model_file.write_text(

@@ -1,7 +1,7 @@
 import pytest
 
-from bsplan.errors import BadInput
-from bsplan.units import format_bytes, parse_size
+from bsplan.planning.errors import BadInput
+from bsplan.planning.units import format_bytes, parse_size
 
 
 @pytest.mark.parametrize(

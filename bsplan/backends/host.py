@@ -1,0 +1,143 @@
+"""Limits on this process's memory from outside it: MemAvailable, rlimits, cgroups (v1 and v2), and
+the kernel's out-of-memory kills. Plain file reading, no torch.
+
+An OS limit gives a band, not a number: the allocator, oneDNN's scratch memory and the thread
+count move the edge between runs (docs/probe.md). So it is recognised when it bites and reported
+as a band, while `--memory-limit` counts tensor bytes exactly (backends/cpu.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+# Limits from outside the process that count its address space, and cgroups' limits (see _cgroup_remaining).
+ADDRESS_SPACE_LIMITS = ("RLIMIT_DATA", "RLIMIT_AS")
+CGROUP_LIMITS = ("cgroup memory.max", "cgroup memory limit")
+
+# (limit file, usage file, the memory.stat key of file pages the kernel drops before it kills, name)
+_CGROUP_FILES = {
+    "v2": ("memory.max", "memory.current", "inactive_file", CGROUP_LIMITS[0]),
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file", CGROUP_LIMITS[1]),
+}
+# where each version counts the processes its out-of-memory killer ended (the cgroup's own and its descendants')
+_CGROUP_OOM_KILLS = {"v2": "memory.events", "v1": "memory.oom_control"}
+
+
+@dataclass(frozen=True)
+class HostLimit:
+    """A limit on this process's memory from outside it, and how much of it is left."""
+
+    source: str
+    remaining_bytes: int
+
+
+def host_limits() -> list[HostLimit]:
+    """What the OS lets this process still allocate: memory available, cgroup and rlimits."""
+    limits = []
+    meminfo = _read_counters(Path("/proc/meminfo"))
+    if "MemAvailable" in meminfo:
+        limits.append(HostLimit("MemAvailable", meminfo["MemAvailable"]))
+    status = _read_counters(Path("/proc/self/status"))
+    for name, used_field in zip(ADDRESS_SPACE_LIMITS, ("VmData", "VmSize")):
+        soft, _ = resource.getrlimit(getattr(resource, name))
+        if soft != resource.RLIM_INFINITY:
+            limits.append(HostLimit(name, max(0, soft - status.get(used_field, 0))))
+    cgroup = _cgroup_remaining()
+    if cgroup is not None:
+        limits.append(cgroup)
+    return limits
+
+
+def trim_heap() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise), so that the next trial under an
+    OS limit starts where the last one did."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def return_freed_memory() -> None:
+    """Collect garbage (cycles through an exception's frames hold tensors), then trim the heap."""
+    gc.collect()
+    trim_heap()
+
+
+def _cgroup_remaining(membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> HostLimit | None:
+    """The least memory left under this process's cgroup or any of its ancestors: a container's
+    limit sits at the root of its namespace, but a Slurm job's or a systemd unit's on an ancestor
+    of the process's own cgroup. Usage less the inactive file pages is what the kernel weighs
+    before it kills (the working set, as the kubelet counts it)."""
+    tightest: HostLimit | None = None
+    for version, base, path in _cgroup_paths(membership, mount):
+        limit_file, usage_file, reclaimable_key, source = _CGROUP_FILES[version]
+        for directory in [base / path, *(base / parent for parent in path.parents)]:
+            try:
+                text = (directory / limit_file).read_text().strip()
+                limit = 1 << 60 if text == "max" else int(text)
+                usage = int((directory / usage_file).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if limit >= 1 << 60:  # "max", or v1's page-rounded largest number: no limit
+                continue
+            reclaimable = _read_counters(directory / "memory.stat").get(reclaimable_key, 0)
+            remaining = HostLimit(source, max(0, limit - max(0, usage - reclaimable)))
+            if tightest is None or remaining.remaining_bytes < tightest.remaining_bytes:
+                tightest = remaining
+    return tightest
+
+
+def _cgroup_paths(membership: Path, mount: Path) -> list[tuple[str, Path, Path]]:
+    """(version, mount of the memory controller, the process's cgroup relative to it) from
+    /proc/self/cgroup: the unified hierarchy's line is "0::/path", cgroup v1's memory controller's
+    "N:memory:/path"."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        # A cgroup outside this namespace's root reads "/../x": only the root of the mount is ours.
+        relative = Path() if ".." in Path(path).parts else Path(path.lstrip("/"))
+        if controllers == "" and path:
+            found.append(("v2", mount, relative))
+        elif "memory" in controllers.split(","):
+            found.append(("v1", mount / "memory", relative))
+    return found or [("v2", mount, Path()), ("v1", mount / "memory", Path())]
+
+
+def oom_kills(
+    membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup"), vmstat: Path = Path("/proc/vmstat")
+) -> int | None:
+    """How many processes of this process's cgroup (and below it) the kernel's out-of-memory killer
+    has ended: a child that died of SIGKILL while this rose was killed for memory. The cgroup's own
+    count, not the host's, so another job's kill on a shared node does not count; the host's
+    (/proc/vmstat) only where no cgroup's can be read. None where neither can."""
+    for version, base, path in _cgroup_paths(membership, mount):
+        for directory in (base / path, base):  # base: a container whose path from outside is not mounted
+            count = _read_counters(directory / _CGROUP_OOM_KILLS[version]).get("oom_kill")
+            if count is not None:
+                return count
+    return _read_counters(vmstat).get("oom_kill")
+
+
+def _read_counters(path: Path) -> dict[str, int]:
+    """A file of "name value" lines as numbers: a cgroup's memory.stat and /proc/vmstat ("oom_kill 3"),
+    /proc/meminfo and /proc/self/status ("VmData:   1024 kB", in bytes). Other lines are passed over."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    counters = {}
+    for parts in (line.split() for line in lines):
+        if len(parts) in (2, 3) and parts[1].isdigit() and parts[2:] in ([], ["kB"]):
+            counters[parts[0].removesuffix(":")] = int(parts[1]) * (1024 if parts[2:] else 1)
+    return counters

@@ -1,0 +1,2 @@
+"""The `bsplan` command: the typer app (app.py) and the rich tables (render.py), the only code
+that imports typer or rich. It parses, calls the core, and renders; it decides nothing itself."""

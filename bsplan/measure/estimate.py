@@ -1,0 +1,108 @@
+"""`bsplan estimate`: the largest batch for a device you do not have, from training steps on the CPU.
+
+Two real training steps (forward, backward, optimizer step: the probe's TrialRunner) run on the CPU
+at batches 1, 2, 4, ... (x8 while the peak barely grows) with every tensor byte counted
+(backends/cpu.py, the host's memory as the limit). The peak is affine in the batch only
+once one phase of the step dominates (memory_line.fit_top), so the batches grow until the last two
+slopes agree and the per-sample part of the peak has reached the fixed part, or until the next
+batch would pass the target's predicted boundary; the line through the two largest batches is
+extrapolated to the target (planning/prediction.py), where a CUDA target adds its overheads
+(memory_line.cuda_overheads). docs/estimate.md: method, overheads, accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bsplan.backends.cpu import CpuDevice
+from bsplan.measure.options import Progress
+from bsplan.measure.sources import measure_static
+from bsplan.measure.trial import TrialRunner
+from bsplan.measure.workload import load_workload
+from bsplan.planning.errors import BadInput
+from bsplan.planning.memory_line import fit_top
+from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement, predict_for
+from bsplan.planning.results import DEFAULT_MAX_BATCH, EstimateResult
+from bsplan.planning.units import format_bytes
+
+# Consecutive slopes within 2% count as one affine regime.
+SLOPE_TOLERANCE = 0.02
+# While doubling the batch grows the peak by less than 5% (the fixed part dominates), the next
+# batch is 8 times the last, not 2: examples/mlp.py settles in 7 trials instead of 13.
+FAST_GROWTH_BELOW = 0.05
+# Soft time budget for the CPU trials: no new batch is started after it (a large model's step is
+# slow on a CPU); the result then says how far the measurement went.
+MEASURE_SECONDS = 60.0
+
+
+def run_estimate(model_file: Path, options: EstimateOptions, progress: Progress) -> EstimateResult:
+    device, overheads = options.target()
+    measurement = measure(model_file, options.precision, options.mode, progress, device.total_bytes - overheads.total_bytes)
+    return predict_for(measurement, options)
+
+
+def measure(model_file: Path, precision: str, mode: str, progress: Progress, budget_bytes: float) -> Measurement:
+    """Train at batches 1, 2, 4, ... on the CPU until the line of peak over batch has settled
+    (see the module's docstring); budget_bytes is what the target leaves for the step."""
+    workload = load_workload(model_file)
+    device = CpuDevice(None)  # the host's memory as the limit: an exhausted host ends the doubling
+    notes: list[str] = []
+    with device.tracking():
+        model = workload.build_model()
+        model.train(mode == "train")
+        runner = TrialRunner(workload, model, device, steps=ESTIMATE_STEPS, precision=precision, mode=mode)
+        points: list[tuple[int, int]] = []
+        start, batch = time.perf_counter(), 1
+        while True:
+            progress.started(batch)
+            trial = runner(batch)
+            progress.finished(trial)
+            if not trial.fits:
+                notes.append(f"batch {batch} did not fit in this machine's memory ({format_bytes(device.info.total_bytes)}): "
+                             "the fit uses the batches below it")
+                break
+            points.append((batch, trial.peak_bytes))  # type: ignore[arg-type]
+            following = batch * _growth_factor(points)
+            if _settled(points) or _past_target(points, following, budget_bytes) or following > DEFAULT_MAX_BATCH:
+                break
+            if time.perf_counter() - start > MEASURE_SECONDS:
+                notes.append(f"stopped measuring after {MEASURE_SECONDS:.0f} s at batch {batch}: if the per-sample bytes "
+                             "still grew there, max_batch is too high")
+                break
+            batch = following
+        line = fit_top(points)
+        if line is None:
+            raise BadInput(f"{workload.name} could not be measured here: {len(points)} batch(es) fitted in this machine's "
+                           "memory, and a per-sample slope needs two (run bsplan probe on the device instead)")
+        static = measure_static(workload, model, runner, mode)
+        breakdown = replace(static.breakdown(runner.trials), activation_bytes_per_sample=line.per_sample_bytes)
+    return Measurement(static.model, breakdown, line, tuple(runner.trials), tuple(notes), workload.shard_policy() is not None)
+
+
+def _growth_factor(points: list[tuple[int, int]]) -> int:
+    if len(points) >= 2 and points[-1][1] < (1 + FAST_GROWTH_BELOW) * points[-2][1]:
+        return 8
+    return 2
+
+
+def _settled(points: list[tuple[int, int]]) -> bool:
+    """The last two slopes agree, and the per-sample part of the last peak is at least its fixed
+    part (so a later phase of the step, growing faster, is not still hidden under the first)."""
+    if len(points) < 3:
+        return False
+    (b0, p0), (b1, p1), (b2, p2) = points[-3:]
+    before, last = (p1 - p0) / (b1 - b0), (p2 - p1) / (b2 - b1)
+    return last > 0 and abs(last - before) <= SLOPE_TOLERANCE * last and last * b2 >= p2 - last * b2
+
+
+def _past_target(points: list[tuple[int, int]], next_batch: int, budget_bytes: float) -> bool:
+    """The next batch would pass the boundary the last two points predict for the target."""
+    if len(points) < 2:
+        return False
+    (b0, p0), (b1, p1) = points[-2:]
+    slope = (p1 - p0) / (b1 - b0)
+    return slope > 0 and p1 + slope * (next_batch - b1) > budget_bytes
+
+

@@ -1,0 +1,178 @@
+"""`bsplan probe`: load the model, choose where the trials run, run the search, assemble the result."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from bsplan.backends.host import ADDRESS_SPACE_LIMITS, CGROUP_LIMITS
+from bsplan.measure.options import ProbeOptions, Progress
+from bsplan.measure.search import SearchOutcome, find_max_batch
+from bsplan.measure.sources import LocalTrials, Static, TrialSource
+from bsplan.measure.workload import load_workload
+from bsplan.measure.world import World
+from bsplan.planning.memory_line import fit_top, round_recommended
+from bsplan.planning.results import SAME_THROUGHPUT, Breakdown, DeviceInfo, ProbeResult, Trial
+from bsplan.planning.units import format_bytes
+
+
+def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> ProbeResult:
+    """Find the largest batch that fits. Ctrl-C returns what was measured so far (interrupted)."""
+    workload = load_workload(model_file)
+    source: TrialSource
+    if options.strategy == "none":
+        local = LocalTrials(workload, options)
+        why = why_restart(local.device_backend.outside_limit)
+        source = World(model_file, options, why) if why else local
+    else:
+        source = World(model_file, options)
+    with source:
+        for note in source.notes:
+            progress.note(note)
+
+        def run(batch: int) -> Trial:
+            progress.started(batch)
+            trial = source(batch)
+            progress.finished(trial)
+            if interrupts:  # a Ctrl-C that was lost where it was raised
+                raise KeyboardInterrupt
+            return trial
+
+        interrupted = False
+        try:
+            with _latched_interrupts() as interrupts:
+                outcome = _search(run, options, source.device)
+        except KeyboardInterrupt:
+            interrupted = True
+            progress.note("interrupted: reporting the trials measured so far")
+            outcome = _outcome_of(source.trials)
+        static = source.static()
+    return _result(source, static, options, outcome, interrupted)
+
+
+@contextlib.contextmanager
+def _latched_interrupts() -> Iterator[list[int]]:
+    """Ctrl-C that cannot be lost. Python raises KeyboardInterrupt wherever the interpreter is, and
+    in a weakref callback (the counted CPU limit uncounts each freed tensor in one, thousands a step)
+    an exception is printed and dropped: the probe ran on to the end. The latch remembers it for the
+    search to stop after the trial. Where Ctrl-C is ignored (a background job) it stays ignored."""
+    interrupts: list[int] = []
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        interrupts.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield interrupts
+        return
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield interrupts
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def why_restart(outside_limit: str | None) -> str | None:
+    """Why the trials must run in a child process restarted after each failed trial, under the limit
+    from outside the process that sets the edge; None where one process serves."""
+    if outside_limit in ADDRESS_SPACE_LIMITS:  # measured in docs/probe.md
+        return (f"a limit on address space from outside the process ({outside_limit}) sets the edge, and a failed "
+                "trial leaves address space held in its process")
+    if outside_limit in CGROUP_LIMITS:
+        return (f"a limit from outside the process ({outside_limit}) sets the edge, and the kernel's out-of-memory "
+                "killer ends the process that passes it")
+    return None
+
+
+def _search(run: Callable[[int], Trial], options: ProbeOptions, device: DeviceInfo) -> SearchOutcome:
+    """The search; under a limit from outside the process the largest fit is checked again, and
+    the search goes on below it while the re-check fails (the edge is a band)."""
+    limit = device.total_bytes if options.search == "predict" else None
+    outcome = find_max_batch(run, options.min_batch, options.max_batch, options.multiple_of, limit, device.exact)
+    while not device.exact and outcome.max_fit is not None and not run(outcome.max_fit).fits:
+        failed = outcome.max_fit
+        below = failed - options.multiple_of
+        if below < options.min_batch:
+            return SearchOutcome(None, failed, capped=False)
+        outcome = find_max_batch(run, options.min_batch, below, options.multiple_of, limit, device.exact)
+        outcome = SearchOutcome(outcome.max_fit, min(outcome.first_fail or failed, failed), capped=False)
+    return outcome
+
+
+def _outcome_of(trials: list[Trial]) -> SearchOutcome:
+    fitted = [trial.batch for trial in trials if trial.fits]
+    failed = [trial.batch for trial in trials if not trial.fits]
+    return SearchOutcome(max(fitted, default=None), min(failed, default=None), capped=False)
+
+
+def recommended_batch(trials: list[Trial], max_batch: int | None, budget: float) -> int | None:
+    """Largest batch whose peak stays within the budget: measured where a trial shows it, else
+    predicted on the line of peak over batch (memory_line.fit_top, the rule plan and estimate use,
+    so a probe's recommended_batch is the one plan recomputes); rounded down to a multiple of 8."""
+    if max_batch is None:
+        return None
+    points = [trial.point for trial in trials if trial.point is not None]
+    best = max((batch for batch, peak in points if peak <= budget), default=0)
+    line = fit_top(points)
+    if line is not None and line.per_sample_bytes > 0:
+        best = max(best, min(max_batch, line.largest_within(budget)))
+    return round_recommended(best) or None
+
+
+def _result(source: TrialSource, static: Static, options: ProbeOptions, outcome: SearchOutcome, interrupted: bool) -> ProbeResult:
+    trials, device = source.trials, source.device
+    breakdown = static.breakdown(trials)
+    peak = next((t.peak_bytes for t in reversed(trials) if t.fits and t.batch == outcome.max_fit), None)
+    notes = list(source.notes)
+    if static.leaked_bytes > 0:
+        notes.append(f"a failed trial left {format_bytes(static.leaked_bytes)} allocated: later trials had less memory")
+    if outcome.max_fit is None and not interrupted:
+        notes.append(_no_fit_message(outcome.first_fail, breakdown, device.total_bytes))
+    return ProbeResult(
+        model=static.model,
+        device=device,
+        mode=options.mode,
+        precision=options.precision,
+        steps=options.steps,
+        multiple_of=options.multiple_of,
+        headroom=options.headroom,
+        max_batch=outcome.max_fit,
+        first_oom_batch=outcome.first_fail,
+        recommended_batch=recommended_batch(trials, outcome.max_fit, (1 - options.headroom) * device.total_bytes),
+        peak_bytes=peak,
+        breakdown=breakdown,
+        trials=tuple(trials),
+        **_throughput(trials),
+        capped_at=options.max_batch if outcome.capped else None,
+        interrupted=interrupted,
+        notes=tuple(notes),
+        world_size=options.nproc,
+        strategy=options.strategy,
+        bucket_view=options.bucket_view,
+    )
+
+
+def _throughput(trials: list[Trial]) -> dict[str, int | None]:
+    """The fastest batch measured, and the smallest within SAME_THROUGHPUT of it: a bigger batch is
+    not always faster, and a smaller one leaves memory free."""
+    rates = {t.batch: t.samples_per_second for t in trials if t.fits and t.samples_per_second is not None}
+    if not rates:
+        return {"best_throughput_batch": None, "efficient_batch": None}
+    best = max(rates, key=lambda batch: rates[batch])
+    efficient = min(batch for batch, rate in rates.items() if rate >= rates[best] / SAME_THROUGHPUT)
+    return {"best_throughput_batch": best, "efficient_batch": efficient}
+
+
+def _no_fit_message(first_fail: int | None, breakdown: Breakdown, total: int) -> str:
+    static = breakdown.static_bytes
+    verdict = "more than" if static > total else "within"
+    return (
+        f"no batch fits: batch {first_fail} ran out of memory. The static memory alone needs {format_bytes(static)} "
+        f"(parameters {format_bytes(breakdown.parameter_bytes)}, gradients {format_bytes(breakdown.gradient_bytes)}, "
+        f"optimizer state {format_bytes(breakdown.optimizer_state_bytes)}), {verdict} the {format_bytes(total)} available. "
+        "Try --precision bf16, a smaller model, or sharding the model state (FSDP / ZeRO)."
+    )

@@ -1,0 +1,161 @@
+"""Loads a user's model file (docs/model-file.md) into a Workload: what a probe trial runs.
+
+The file is executed as a module, like pytest runs a test file, with its folder on sys.path so it
+can import its neighbours. Everything the user wrote is called through here, so a failure in
+their code is reported as theirs, with their traceback, and never mistaken for out-of-memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+from bsplan.measure.oom import Failure, classify, first_line
+from bsplan.planning.errors import BadInput, UserCodeError
+
+Batch = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
+_BSPLAN_DIR = str(Path(__file__).resolve().parent.parent)  # the package, every layer of it
+
+
+def user_traceback(error: BaseException) -> str:
+    """The traceback from the first frame outside bsplan: what the user needs to fix their code."""
+    frames = traceback.extract_tb(error.__traceback__)
+    while frames and frames[0].filename.startswith(_BSPLAN_DIR):
+        frames.pop(0)
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
+    return "".join(lines + traceback.format_exception_only(type(error), error))
+
+
+def user_error(what: str, error: BaseException) -> UserCodeError:
+    return UserCodeError(f"{what} raised {type(error).__name__}: {first_line(error)}", user_traceback(error))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model file's functions, with the defaults docs/model-file.md gives for the optional ones."""
+
+    path: Path
+    module: ModuleType
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def _function(self, name: str) -> Callable[..., Any] | None:
+        return getattr(self.module, name, None)
+
+    def build_model(self) -> torch.nn.Module:
+        try:
+            model = self._function("build_model")()  # type: ignore[misc]
+        except Exception as error:
+            if classify(error) is not Failure.OTHER:
+                raise  # out of memory: the caller reports that the model does not fit
+            raise user_error(f"build_model() in {self.name}", error) from None
+        if not isinstance(model, torch.nn.Module):
+            raise BadInput(f"build_model() in {self.name} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    def make_batch(self, batch_size: int, device: torch.device) -> Batch:
+        """The user's batch, checked and moved to the device (the copy counts, as on a real run)."""
+        batch = self._function("make_batch")(batch_size)  # type: ignore[misc]
+        if not _is_batch(batch):
+            raise BadInput(
+                f"make_batch({batch_size}) in {self.name} returned {type(batch).__name__}: "
+                "it must return a tensor, a tuple/list of tensors or a dict of tensors"
+            )
+        return _to_device(batch, device)
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        custom = self._function("compute_loss")
+        loss = custom(model, batch) if custom else default_loss(model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            where = "compute_loss()" if custom else "the model's output"
+            raise BadInput(f"{where} in {self.name} must give a scalar loss tensor, got {_describe(loss)}")
+        return loss
+
+    def shard_policy(self) -> Callable[[torch.nn.Module], Any] | None:
+        """The file's own `shard_model(model)` for FSDP (docs/model-file.md), when it defines one."""
+        return self._function("shard_model")
+
+    def optimizer(self, parameters: Any) -> torch.optim.Optimizer:
+        custom = self._function("build_optimizer")
+        optimizer = custom(parameters) if custom else torch.optim.AdamW(parameters)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise BadInput(f"build_optimizer() in {self.name} returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        return optimizer
+
+
+def load_workload(path: Path) -> Workload:
+    """Import the model file and check that it defines what a probe needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"model file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(f"bsplan_model_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise BadInput(f"cannot load {path} as Python: give a .py file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        raise user_error(f"importing {path}", error) from None
+    for name in ("build_model", "make_batch"):
+        if not callable(getattr(module, name, None)):
+            raise BadInput(f"{path} does not define {name}(), which bsplan needs (see docs/model-file.md)")
+    for name in ("compute_loss", "build_optimizer", "shard_model"):
+        if hasattr(module, name) and not callable(getattr(module, name)):
+            raise BadInput(f"{name} in {path} is not a function")
+    return Workload(path, module)
+
+
+def default_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Call the model with the batch; use `.loss` if the output has one, else its mean."""
+    if isinstance(batch, dict):
+        output = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        output = model(*batch)
+    else:
+        output = model(batch)
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is not None:
+        return loss
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise BadInput(f"the model returned {_describe(output)}: define compute_loss(model, batch) in the model file")
+    return output.float().mean()
+
+
+def _is_batch(batch: Batch) -> bool:
+    if isinstance(batch, torch.Tensor):
+        return True
+    if isinstance(batch, (tuple, list)):
+        return bool(batch) and all(isinstance(item, torch.Tensor) for item in batch)
+    if isinstance(batch, dict):
+        return bool(batch) and all(isinstance(item, torch.Tensor) for item in batch.values())
+    return False
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: value.to(device) for key, value in batch.items()}
+    return type(batch)(item.to(device) for item in batch)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

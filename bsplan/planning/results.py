@@ -1,0 +1,189 @@
+"""What a probe measured and what an estimate predicts: frozen dataclasses that render to a table
+(cli/render.py) and to JSON (to_dict).
+
+The JSON field names are a contract with scripts and with `bsplan plan --from`: change them only
+with a new SCHEMA version (docs/json.md lists them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bsplan.planning.catalog import GpuModel
+from bsplan.planning.memory_line import MemoryLine, Overheads
+from bsplan.planning.record import Record
+from bsplan.planning.strategies import DeviceStates
+
+PROBE_SCHEMA = "bsplan.probe/1"
+# Where `bsplan probe` saves its result for `bsplan plan` (relative to the working directory).
+LAST_PROBE = Path(".bsplan") / "last-probe.json"
+# Throughputs within 5% count as the same (a probe times only a few steps per batch): the probe's
+# efficient_batch and the plan's choice of micro-batch both use it.
+SAME_THROUGHPUT = 1.05
+# The largest batch a probe tries and an estimate predicts unless --max-batch says otherwise.
+DEFAULT_MAX_BATCH = 65536
+
+
+@dataclass(frozen=True)
+class Trial(Record):
+    """One batch size tried with real training steps."""
+
+    batch: int
+    fits: bool
+    peak_bytes: int | None  # None when the trial ran out of memory before the peak could be read
+    seconds: float  # wall time of the whole trial, warm-up step included
+    samples_per_second: float | None  # timed after the warm-up step; None when it did not fit
+    error: str | None = None  # the out-of-memory message, first line, when it did not fit
+    oom_evidence: str | None = None  # why an ambiguous error was taken for out-of-memory
+    # Peaks of the last step's forward alone, and of its forward and backward, for the search:
+    # each is a lower bound on the trial's peak and close to affine in the batch.
+    forward_peak_bytes: int | None = None
+    step_peak_bytes: int | None = None
+
+    @property
+    def point(self) -> tuple[int, int] | None:
+        """(batch, peak bytes) on the memory line; None where it did not fit or has no peak."""
+        return (self.batch, self.peak_bytes) if self.fits and self.peak_bytes is not None else None
+
+
+@dataclass(frozen=True)
+class DeviceInfo(Record):
+    name: str  # "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"
+    type: str  # "cuda" or "cpu"
+    total_bytes: int  # the memory a batch may use: the card's total, or the limit in force
+    limit_source: str  # what set total_bytes: "device", "--memory-limit", "MemAvailable", ...
+    exact: bool  # False where the edge is a band (a limit from outside the process)
+
+
+@dataclass(frozen=True)
+class Breakdown(Record):
+    """Static memory and the memory each sample adds, both from the measured trials."""
+
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    optimizer_state_measured: bool  # False: estimated from the optimizer type (no step completed)
+    activation_bytes_per_sample: float | None  # slope of peak over batch, None with no fitting trial
+    bucket_bytes: int = 0  # what the strategy's wrapper allocated: DDP's gradient buckets (0 in one process)
+    # What FSDP would hold unsharded at once (strategies.gathered_bytes): a fact of the model, not
+    # part of static_bytes; 0 where not measured.
+    gathered_bytes: int = 0
+
+    @property
+    def static_bytes(self) -> int:
+        return self.parameter_bytes + self.gradient_bytes + self.optimizer_state_bytes + self.bucket_bytes
+
+
+@dataclass(frozen=True)
+class ModelInfo(Record):
+    file: str
+    parameters: int
+    has_batchnorm: bool
+
+
+@dataclass(frozen=True)
+class ProbeResult(Record):
+    model: ModelInfo
+    device: DeviceInfo
+    mode: str
+    precision: str
+    steps: int
+    multiple_of: int
+    headroom: float
+    max_batch: int | None
+    first_oom_batch: int | None
+    recommended_batch: int | None
+    peak_bytes: int | None
+    breakdown: Breakdown
+    trials: tuple[Trial, ...] = ()
+    best_throughput_batch: int | None = None  # the fitting trial with the most samples per second
+    efficient_batch: int | None = None  # the smallest fitting trial within 5% of that throughput
+    capped_at: int | None = None  # the --max-batch cap when every batch up to it fitted
+    interrupted: bool = False
+    notes: tuple[str, ...] = ()
+    world_size: int = 1  # processes (devices) the probe ran on; every number above is per device
+    strategy: str = "none"  # "none" (one plain process), "ddp" or "fsdp"
+    bucket_view: bool = False  # DDP ran with gradient_as_bucket_view=True
+    schema: str = PROBE_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["breakdown"]["static_bytes"] = self.breakdown.static_bytes
+        return data
+
+
+ESTIMATE_SCHEMA = "bsplan.estimate/1"
+
+
+@dataclass(frozen=True)
+class EstimateResult(Record):
+    """What `bsplan estimate` predicts for a device it did not run on: the probe's fields where they
+    apply (max_batch, recommended_batch, peak_bytes and breakdown predicted; trials measured on the
+    CPU), plus the fitted line, the CUDA overheads and the catalogue entry. docs/estimate.md."""
+
+    model: ModelInfo
+    device: DeviceInfo  # the target: a catalogue GPU (type "cuda") or a --memory budget (type "cpu")
+    mode: str
+    precision: str
+    steps: int
+    headroom: float
+    max_batch: int | None
+    recommended_batch: int | None
+    peak_bytes: int | None  # predicted allocated peak at max_batch
+    breakdown: Breakdown
+    fit: MemoryLine  # peak = base_bytes + per_sample_bytes x batch, from the largest batches measured
+    overheads: Overheads
+    gpu: GpuModel | None
+    trials: tuple[Trial, ...]  # measured on the CPU
+    capped_at: int | None = None  # the --max-batch cap, when the prediction reaches it
+    notes: tuple[str, ...] = ()
+    # The model states on one device under --strategy (docs/strategies.md); fit is then that device's line.
+    per_device: DeviceStates | None = None
+    estimated: bool = True
+    schema: str = ESTIMATE_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["breakdown"]["static_bytes"] = self.breakdown.static_bytes
+        data["overheads"] = self.overheads.to_dict()
+        if self.per_device is not None:
+            data["per_device"] = self.per_device.to_dict()
+            data.update({key: data["per_device"][key] for key in ("strategy", "world_size", "bucket_view", "static_bytes")})
+        return data
+
+
+STATES_SCHEMA = "bsplan.states/1"
+
+
+@dataclass(frozen=True)
+class StatesEstimate(Record):
+    """`bsplan estimate --params`: the model states on one device from a parameter count alone (what
+    DeepSpeed's estimators count), and a largest batch only where activations and a budget are known."""
+
+    parameters: int
+    optimizer: str
+    precision: str
+    per_device: DeviceStates
+    activation_bytes_per_sample: float | None  # --activation-bytes-per-sample; None: activations left out
+    device: DeviceInfo | None  # the budget (--gpu or --memory), if any
+    overheads: Overheads
+    headroom: float
+    max_batch: int | None
+    recommended_batch: int | None
+    peak_bytes: int | None
+    notes: tuple[str, ...] = ()
+    schema: str = STATES_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        per_device = self.per_device.to_dict()
+        return {
+            "schema": self.schema, "parameters": self.parameters, "optimizer": self.optimizer, "precision": self.precision,
+            **{key: per_device[key] for key in ("strategy", "world_size", "static_bytes")},
+            "per_device": per_device, "activations_included": self.activation_bytes_per_sample is not None,
+            "activation_bytes_per_sample": self.activation_bytes_per_sample,
+            "device": None if self.device is None else self.device.to_dict(),
+            "overheads": self.overheads.to_dict(), "headroom": self.headroom, "max_batch": self.max_batch,
+            "recommended_batch": self.recommended_batch, "peak_bytes": self.peak_bytes, "notes": list(self.notes),
+        }

@@ -1,0 +1,1 @@
+"""What runs inside the user's training loop: AutoBatch. Imports the layers below it."""
