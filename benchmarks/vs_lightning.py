@@ -3,17 +3,22 @@ the same models under the same memory cap, against the truth from fresh-process 
 
     pip install "lightning>=2.4"      # or: pip install -e ".[bench]"
     .venv/bin/python benchmarks/vs_lightning.py --memory-limit 300MiB [--device cuda]
-    .venv/bin/python benchmarks/vs_lightning.py --rlimit 1500MiB     # an OS limit (RLIMIT_DATA) instead
+    .venv/bin/python benchmarks/vs_lightning.py --rlimit-over-torch 300MiB   # an OS limit instead
 
 With --memory-limit both finders run under bsplan's counted limit on the CPU's tensor bytes (the
-same every run); with --rlimit, each process (both finders and every truth check) runs under an
-RLIMIT_DATA of that size, a real OS limit whose edge moves between runs (docs/probe.md).
+same every run). The truth for a model is then the largest batch B that fits when checked alone in
+a fresh process (`bsplan probe --min-batch B --max-batch B`) while B + 1 does not.
 
-The truth for a model is the largest batch B that fits when checked alone in a fresh process
-(`bsplan probe --min-batch B --max-batch B`) while B + 1 does not. Each finder runs in a fresh
-process of its own and its wall time is that whole process, imports included. With --repeats N
-each finder runs N times, alternating, and the table gives the median wall time (the answers and
-trial counts must be the same every time; a finder whose answer moves is reported as such).
+With --rlimit-over-torch SIZE every process (both finders and every truth check) runs under one
+RLIMIT_DATA: the VmData of a process that has only imported torch, plus SIZE. That is a real OS
+limit whose edge moves between runs (docs/probe.md), so bsplan's probe runs without
+--memory-limit, and the truth is a band of plain training processes (benchmarks/plain_training.py,
+no bsplan code, 3 runs at each batch of a grid around the answers): `stable`, the largest batch that
+fitted in all 3, and `ever`, the largest that fitted in any.
+
+Each finder runs in a fresh process of its own and its wall time is that whole process, imports
+included. With --repeats N each finder runs N times, alternating, and the table gives the median
+wall time (and each answer and trial count).
 """
 
 from __future__ import annotations
@@ -87,18 +92,70 @@ def _seconds(values: list[float]) -> str:
     return median if len(values) == 1 else f"{median} ({min(values):.1f}-{max(values):.1f})"
 
 
+def torch_vmdata() -> int:
+    """VmData of a fresh process that has only imported torch."""
+    code = "import torch\nfor line in open('/proc/self/status'):\n    line.startswith('VmData') and print(line.split()[1])"
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[0]) * 1024
+
+
+def plain_fits(model: Path, batch: int) -> bool:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plain_training.py"), str(model), str(batch)],
+                          capture_output=True, text=True, preexec_fn=_limit_data)
+    if done.returncode not in (0, 3):
+        raise RuntimeError(f"plain training of {model.name} at {batch} failed: {done.stderr[-500:]}")
+    return done.returncode == 0
+
+
+def band(model: Path, answers: list[int], runs: int = 3) -> tuple[int | None, int | None]:
+    """(stable, ever) over a grid from 70% of the smallest answer to 130% of the largest, about 25
+    batches: the largest that fitted in every run, and the largest that fitted in any."""
+    low, high = max(1, int(0.7 * min(answers))), int(1.3 * max(answers)) + 1
+    step = max(1, (high - low) // 25)
+    stable = ever = None
+    for batch in range(low, high + 1, step):
+        fitted = sum(plain_fits(model, batch) for _ in range(runs))
+        if fitted == runs:
+            stable = batch
+        if fitted:
+            ever = batch
+    return stable, ever
+
+
+def outside_limit_table(examples: list[str], repeats: int) -> None:
+    print("| model | fresh-process band (stable..ever) | bsplan found | bsplan / stable | bsplan trials | bsplan s "
+          "| Lightning found | Lightning trials | Lightning s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in examples:
+        model = ROOT / "examples" / name
+        runs = [(_bsplan(model, "", "cpu"), _lightning(model, "1GiB", "cpu")) for _ in range(repeats)]
+        ours = [result["max_batch"] for (result, _), _ in runs]
+        trials = [len(result["trials"]) for (result, _), _ in runs]
+        theirs = [other.get("max_batch") or other.get("error") for _, (other, _) in runs]
+        stable, ever = band(model, [batch for batch in ours if batch] + [b for b in theirs if isinstance(b, int)])
+        ratios = ", ".join("-" if not stable or not batch else f"{batch / stable:.2f}" for batch in ours)
+        print(f"| {name} | {stable}..{ever} | {', '.join(map(str, ours))} | {ratios} | {', '.join(map(str, trials))} "
+              f"| {_seconds([seconds for (_, seconds), _ in runs])} | {', '.join(map(str, theirs))} "
+              f"| {', '.join(str(other.get('trials')) for _, (other, _) in runs)} | {_seconds([seconds for _, (_, seconds) in runs])} |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory-limit", default="300MiB")
-    parser.add_argument("--rlimit", help="run every process under this RLIMIT_DATA instead of a counted limit")
+    parser.add_argument("--rlimit-over-torch", help="run every process under RLIMIT_DATA = torch's own VmData + this")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=1, help="runs of each finder (alternating); the median wall time is reported")
     parser.add_argument("examples", nargs="*", default=["mlp.py", "cnn.py", "transformer.py"])
     args = parser.parse_args()
     global RLIMIT
-    RLIMIT = None if args.rlimit is None else parse_size(args.rlimit)
-    cap = f"RLIMIT_DATA {args.rlimit}" if args.rlimit else f"counted limit {args.memory_limit}"
-    print(f"memory cap: {cap} on {args.device}\n")
+    if args.rlimit_over_torch is not None:
+        bare = torch_vmdata()
+        RLIMIT = bare + parse_size(args.rlimit_over_torch)
+        print(f"memory cap: RLIMIT_DATA {RLIMIT} bytes = torch's VmData {bare} + {args.rlimit_over_torch}, on the CPU\n")
+        outside_limit_table(args.examples, args.repeats)
+        return
+    print(f"memory cap: counted limit {args.memory_limit} on {args.device}\n")
     print("| model | true max | bsplan found | bsplan / true | bsplan trials | bsplan s | Lightning found | Lightning / true | Lightning trials | Lightning s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.examples:

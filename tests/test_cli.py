@@ -104,8 +104,7 @@ def _limit_data(size: int):
 def test_a_limit_from_outside_the_process_is_recognised_as_out_of_memory(workdir: Path) -> None:
     # Under this limit the edge is near 200 here (the process's own heap decides where: 260 fitted on
     # the CI machine). 150 holds ~410 MB of tensors and fits; 400 holds ~1.1 GB, more than the limit
-    # with nothing else, so it fails on any machine. Steps of 25 keep the trials (each failure
-    # restarts the trial process: ~3 s) few.
+    # with nothing else, so it fails on any machine. Steps of 25 keep the trials few.
     run = bsplan("probe", str(EXAMPLES / "cnn.py"), "--device", "cpu", "--json", "--min-batch", "150", "--max-batch", "400",
                  "--multiple-of", "25", cwd=workdir, preexec_fn=_limit_data(1000 * 2**20))
     assert run.code == 0, run.stderr
@@ -116,10 +115,10 @@ def test_a_limit_from_outside_the_process_is_recognised_as_out_of_memory(workdir
     assert failures and all(t["error"] for t in failures)
     assert any("band" in note for note in data["notes"])
     # In one process the failed trials' address space stayed held and later trials failed far below
-    # what had fitted (8 reported after 51 fitted): a child process, restarted after each failure.
+    # what had fitted (8 reported after 51 fitted): each trial runs in a fresh process.
     # The band itself may move a step or two between the first fit and its re-check (200, then 150
     # seen once under a loaded machine), so the bound is loose.
-    assert any("started afresh after each out-of-memory" in note for note in data["notes"])
+    assert any("each trial ran in a fresh process" in note for note in data["notes"])
     assert data["max_batch"] >= 0.6 * max(t["batch"] for t in data["trials"] if t["fits"])
 
 
@@ -173,7 +172,7 @@ def _remove(group: Path) -> None:
 @pytest.mark.slow
 def test_a_cgroup_limit_is_found_and_a_trial_the_kernel_kills_for_it_fails_without_ending_the_probe(workdir: Path) -> None:
     # The kernel's out-of-memory killer ends a process past a cgroup's limit: it was the probe that
-    # died, with no result. Now the trials run in a child process. A --memory-limit far above the
+    # died, with no result. Now each trial runs in a process of its own. A --memory-limit far above the
     # cgroup's leaves the kills alone to set the edge: batch 100 holds 400 MiB, 400 holds 1.6 GiB.
     with _memory_cgroup(1200 * 2**20) as leaf:
         run = bsplan("probe", str(MODELS / "hog.py"), "--device", "cpu", "--json", "--memory-limit", "8GiB", "--min-batch", "100",
@@ -185,7 +184,7 @@ def test_a_cgroup_limit_is_found_and_a_trial_the_kernel_kills_for_it_fails_witho
     assert 100 <= data["max_batch"] < 400 and data["first_oom_batch"] is not None
     failures = [t for t in data["trials"] if not t["fits"]]
     assert failures and all(t["error"].startswith("killed by the kernel's out-of-memory killer") for t in failures)
-    assert any("the trials ran in a child process" in note for note in data["notes"])
+    assert any("each trial ran in a fresh process" in note for note in data["notes"])
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,8 @@ def test_a_cgroup_v2_limit_on_an_ancestor_applies_less_its_working_set(tmp_path:
         "slurm/job_7/step_0/memory.max": "max", "slurm/job_7/step_0/memory.current": str(GIB),
         "memory.current": str(10 * GIB),  # the root has no limit file
     })
-    assert _cgroup_remaining(membership, mount) == HostLimit("cgroup memory.max", 3 * GIB - (2 * GIB - GIB // 2))
+    assert _cgroup_remaining(membership, mount) == HostLimit(
+        "cgroup memory.max", 3 * GIB - (2 * GIB - GIB // 2), mount / "slurm/job_7/memory.current")
 
 
 def test_the_tightest_of_a_cgroup_v1_and_its_ancestors_applies(tmp_path: Path) -> None:
@@ -86,12 +87,13 @@ def test_the_tightest_of_a_cgroup_v1_and_its_ancestors_applies(tmp_path: Path) -
         "memory/batch/job/memory.limit_in_bytes": str(2 * GIB), "memory/batch/job/memory.usage_in_bytes": str(GIB),
         "memory/batch/job/memory.stat": f"inactive_file 5\ntotal_inactive_file {GIB // 4}\n",
     })
-    assert _cgroup_remaining(membership, mount) == HostLimit("cgroup memory limit", 2 * GIB - (GIB - GIB // 4))
+    assert _cgroup_remaining(membership, mount) == HostLimit(
+        "cgroup memory limit", 2 * GIB - (GIB - GIB // 4), mount / "memory/batch/job/memory.usage_in_bytes")
 
 
 def test_a_container_sees_its_limit_at_the_root_and_no_limit_is_none(tmp_path: Path) -> None:
     membership, mount = _cgroup_tree(tmp_path / "a", "0::/\n", {"memory.max": str(GIB), "memory.current": str(GIB // 4)})
-    assert _cgroup_remaining(membership, mount) == HostLimit("cgroup memory.max", GIB - GIB // 4)
+    assert _cgroup_remaining(membership, mount) == HostLimit("cgroup memory.max", GIB - GIB // 4, mount / "memory.current")
     membership, mount = _cgroup_tree(tmp_path / "b", "0::/user.slice\n", {
         "user.slice/memory.max": "max", "user.slice/memory.current": str(GIB)})
     assert _cgroup_remaining(membership, mount) is None
@@ -115,6 +117,39 @@ def test_a_cgroup_outside_the_namespace_and_a_malformed_limit_are_passed_over(tm
     membership, mount = _cgroup_tree(tmp_path, "0::/../elsewhere\n", {
         "memory.max": str(GIB), "memory.current": str(GIB // 2), "../elsewhere/memory.max": "1", "../elsewhere/memory.current": "0",
     })
-    assert _cgroup_remaining(membership, mount) == HostLimit("cgroup memory.max", GIB // 2)
+    assert _cgroup_remaining(membership, mount) == HostLimit("cgroup memory.max", GIB // 2, mount / "memory.current")
     (mount / "memory.max").write_text("")
     assert _cgroup_remaining(membership, mount) is None
+
+
+def test_a_meter_is_read_after_every_operator_and_its_peak_kept() -> None:
+    """Under a limit from outside the process the counter also keeps the peak of what that limit
+    counts, read after each operator (the search aims with it)."""
+    readings: list[int] = []
+
+    def meter() -> int:
+        readings.append(len(readings))
+        return [5, 9, 7, 3][len(readings) % 4]
+
+    counter = TensorBytesLimit(2**30, meter)
+    with counter:
+        x = torch.ones(1000)
+        y = x * 2 + 1  # two operators
+        del x, y
+    assert len(readings) >= 3 and counter.meter_peak_bytes == 9
+    counter.reset_peak()  # the peak starts again from the meter's reading now
+    assert counter.meter_peak_bytes in (3, 5, 7, 9) and TensorBytesLimit(2**30).meter_peak_bytes == 0
+
+
+def test_the_usage_meter_reads_what_rlimit_data_counts() -> None:
+    from bsplan.backends.host import UsageMeter, _read_counters
+
+    def vmdata() -> int:
+        return _read_counters(Path("/proc/self/status"))["VmData"]
+
+    meter = UsageMeter(HostLimit("RLIMIT_DATA", 0))
+    before = vmdata()
+    block = bytearray(64 * 2**20)  # private, writable: what RLIMIT_DATA counts
+    grown = vmdata() - before
+    assert grown >= 64 * 2**20 and abs(meter() - grown) <= 2**20
+    del block

@@ -167,38 +167,55 @@ def test_no_multiple_in_range_is_refused() -> None:
         find_max_batch(FakeDevice(affine(0, 1), 1, largest=5), 9, 15, 16)
 
 
-def test_a_failed_recheck_under_an_outside_limit_keeps_the_failure_and_no_cap() -> None:
-    """Under an OS limit the largest fit is re-checked; when it fails there, it is the first failure."""
+def test_a_failed_recheck_under_an_outside_limit_keeps_the_failure_and_goes_on_from_the_trials_it_has() -> None:
+    """Under an OS limit the largest fit is re-checked; when it fails there, it is the first failure,
+    and the search below it starts from the fits it has instead of from --min-batch again."""
     from bsplan.measure.options import ProbeOptions
-    from bsplan.measure.probe import _search
+    from bsplan.measure.probe import BAND_TOLERANCE, _search
     from bsplan.planning.results import DeviceInfo
 
     outcomes = {100: [True, False]}  # batch 100 fits once, then not
-    tried: list[int] = []
+    trials: list[Trial] = []
 
     def run(batch: int) -> Trial:
-        tried.append(batch)
         fits = outcomes[batch].pop(0) if batch in outcomes else batch < 100
-        return Trial(batch, fits, 1 if fits else None, 0.1, 1.0 if fits else None)
+        trials.append(Trial(batch, fits, 1 if fits else None, 0.1, 1.0 if fits else None))
+        return trials[-1]
 
     device = DeviceInfo("cpu", "cpu", 300 * MIB, "RLIMIT_DATA", exact=False)
-    outcome = _search(run, ProbeOptions(search="bisect", max_batch=4096), device)
-    assert (outcome.max_fit, outcome.first_fail, outcome.capped) == (99, 100, False)
+    outcome = _search(run, ProbeOptions(search="bisect", min_batch=100, max_batch=200), device, trials)
+    tried = [trial.batch for trial in trials]
+    assert tried[:3] == [100, 200, 150] and tried.count(100) == 2  # the re-check of 100 failed
+    assert outcome.first_fail == 100 and not outcome.capped
+    assert outcome.max_fit is None  # nothing below --min-batch 100 to go on with
+    outcomes[100] = [True, False]
+    trials.clear()
+    outcome = _search(run, ProbeOptions(search="bisect", max_batch=4096), device, trials)
+    tried = [trial.batch for trial in trials]
+    assert outcome.first_fail == 100 and 100 - outcome.max_fit <= BAND_TOLERANCE * 100  # within the band below it
+    assert tried.count(1) == 1  # the search below the failed re-check did not start again from 1
 
 
-def test_a_limit_that_is_not_the_edge_stops_predicting_once_a_retry_below_a_failed_prediction_fails() -> None:
-    # Under a cgroup's limit the trial process holds memory its tensors' peaks do not count: the
-    # limit says 848 MiB, the peaks meet the edge at 583 MiB (as measured with examples/cnn.py).
-    # Aimed at the limit, the line keeps landing just below the last failure (322, 321 after 324, 323).
+def test_under_a_band_a_failed_prediction_steps_back_by_the_band_then_twice_as_far() -> None:
+    # The limit says 848 MiB but the peaks meet the edge at 583 MiB (something the peaks do not
+    # count): aimed at the limit, the line overshoots. Under a band of 5% the search steps back 5%,
+    # then twice as far while that fails, stops predicting, and settles within 5% of a failure.
     memory = lambda batch: 3 * MIB + 2.6 * MIB * batch + 100 * batch * batch  # noqa: E731 - slightly convex, as measured
     edge = 583 * MIB
-    outside, trusted = FakeDevice(memory, edge), FakeDevice(memory, edge)
-    outcome = find_max_batch(outside, 1, 2**16, 1, 848 * MIB, limit_is_edge=False)
-    assert (outcome.max_fit, outcome.first_fail) == (truth(memory, edge), truth(memory, edge) + 1)
-    assert outside.tried[2:5] == [324, 323, 165]  # the jump at the limit, the retry, then bisection
-    fit, fail = 165, 323
-    for batch in outside.tried[5:]:
-        assert batch == (fit + fail) // 2
-        fit, fail = (batch, fail) if memory(batch) <= edge else (fit, batch)
-    find_max_batch(trusted, 1, 2**16, 1, 848 * MIB)  # an exact device's search keeps predicting
-    assert trusted.tried[5:7] == [322, 321] and len(outside.tried) < len(trusted.tried)
+    band, exact = FakeDevice(memory, edge), FakeDevice(memory, edge)
+    outcome = find_max_batch(band, 1, 2**16, 1, 848 * MIB, tolerance=0.05)
+    truth_max = truth(memory, edge)
+    assert outcome.max_fit is not None and outcome.first_fail is not None
+    assert outcome.max_fit <= truth_max < outcome.first_fail and outcome.first_fail - outcome.max_fit <= 0.05 * outcome.first_fail
+    predicted, retry, back = band.tried[2:5]
+    assert (retry, back) == (predicted - int(0.05 * predicted), retry - 2 * (predicted - retry))
+    find_max_batch(exact, 1, 2**16, 1, 848 * MIB)  # an exact search pins the edge to one sample, in more trials
+    assert len(band.tried) < len(exact.tried)
+
+
+def test_under_a_band_a_fit_whose_peak_reaches_the_band_settles_the_search() -> None:
+    memory = affine(30 * MIB, 2 * MIB)
+    device = FakeDevice(memory, 300 * MIB)
+    outcome = find_max_batch(device, 1, 2**16, 1, 300 * MIB, tolerance=0.05)
+    assert outcome.first_fail is None and memory(outcome.max_fit) >= 0.95 * 300 * MIB  # no failure needed
+    assert len(device.tried) == 3 and outcome.max_fit == truth(memory, 300 * MIB)

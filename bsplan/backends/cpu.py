@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
-from bsplan.backends.host import host_limits, trim_heap
+from bsplan.backends.host import UsageMeter, host_limits, trim_heap
 from bsplan.planning.errors import BadInput
 from bsplan.planning.results import DeviceInfo
 from bsplan.planning.units import format_bytes
@@ -28,14 +28,17 @@ class TensorBytesLimit(TorchDispatchMode):
 
     Each storage is counted once (views share it) and uncounted by a weakref callback when it is
     freed. The allocation has happened when the check runs; raising drops it again, as the
-    exception unwinds.
+    exception unwinds. With a `meter` (what a limit from outside the process counts) it also keeps
+    the meter's peak, read after every operator.
     """
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, meter: Callable[[], int] | None = None) -> None:
         super().__init__()
         self.limit_bytes = limit_bytes
         self.current_bytes = 0
         self.peak_bytes = 0
+        self.meter = meter
+        self.meter_peak_bytes = 0
         self._live: dict[int, tuple[weakref.ref[Any], int]] = {}
 
     @classmethod
@@ -53,6 +56,7 @@ class TensorBytesLimit(TorchDispatchMode):
             result = resize(storage, size)
             if storage.device.type == "cpu":
                 self._count(storage)
+            self._read_meter()
             return result
 
         torch.UntypedStorage.resize_ = counted_resize  # type: ignore[method-assign]
@@ -64,6 +68,7 @@ class TensorBytesLimit(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.current_bytes
+        self.meter_peak_bytes = 0 if self.meter is None else self.meter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -71,7 +76,12 @@ class TensorBytesLimit(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
                 for storage in _storages(tensor):
                     self._count(storage)
+        self._read_meter()
         return out
+
+    def _read_meter(self) -> None:
+        if self.meter is not None:
+            self.meter_peak_bytes = max(self.meter_peak_bytes, self.meter())
 
     def _count(self, storage: torch.UntypedStorage) -> None:
         key, size = id(storage), storage.nbytes()
@@ -143,15 +153,15 @@ class CpuDevice:
             )
         else:
             raise BadInput("cannot tell how much memory this machine has: give --memory-limit")
-        exact = source in ("--memory-limit", "MemAvailable")
+        exact, meter = source in ("--memory-limit", "MemAvailable"), None
         if tightest is not None and tightest.source != "MemAvailable" and tightest.remaining_bytes <= limit:
-            exact, self.outside_limit = False, tightest.source
+            exact, self.outside_limit, meter = False, tightest.source, UsageMeter(tightest)
             self.notes.append(
                 f"a limit from outside the process applies ({tightest.source}, {format_bytes(tightest.remaining_bytes)} left): "
                 "its edge moves between runs, so max_batch was re-checked and is a band, not an exact number"
             )
         self.info = DeviceInfo("cpu", "cpu", limit, source, exact)
-        self._counter = TensorBytesLimit(limit)
+        self._counter = TensorBytesLimit(limit, meter)
 
     def tracking(self) -> contextlib.AbstractContextManager[None]:
         return self._counter  # type: ignore[return-value]
@@ -161,6 +171,11 @@ class CpuDevice:
 
     def peak_bytes(self) -> int:
         return self._counter.peak_bytes
+
+    def limit_peak_bytes(self) -> int:
+        """Under a limit from outside the process, the peak of what it counts since the device opened."""
+        counter = self._counter
+        return counter.peak_bytes if counter.meter is None else counter.meter_peak_bytes
 
     def current_bytes(self) -> int:
         return self._counter.current_bytes

@@ -65,6 +65,9 @@ class CudaDevice:
     def peak_bytes(self) -> int:
         return int(self.cuda.max_memory_allocated(self.index))
 
+    def limit_peak_bytes(self) -> int:
+        return self.peak_bytes()
+
     def current_bytes(self) -> int:
         return int(self.cuda.memory_allocated(self.index))
 

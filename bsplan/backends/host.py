@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import resource
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,9 @@ _CGROUP_FILES = {
 }
 # where each version counts the processes its out-of-memory killer ended (the cgroup's own and its descendants')
 _CGROUP_OOM_KILLS = {"v2": "memory.events", "v1": "memory.oom_control"}
+# What an rlimit counts, as a field of /proc/self/statm (in pages): the whole address space (size), or
+# the private writable mappings RLIMIT_DATA counts (data; it adds the main thread's few pages of stack).
+_STATM_FIELD = {"RLIMIT_AS": 0, "RLIMIT_DATA": 5}
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,28 @@ class HostLimit:
 
     source: str
     remaining_bytes: int
+    usage_file: Path | None = None  # a cgroup's usage (what its limit counts); rlimits: /proc/self/statm
+
+
+class UsageMeter:
+    """What a limit from outside the process counts, in bytes since the meter was made: the data or
+    the whole address space of this process for an rlimit, the cgroup's charge for a cgroup. Cheap
+    enough to read after every operator of a trial (one pread of a file kept open): the peak of a
+    step in what the limit counts, where counted tensor bytes leave out the allocator's slack, the
+    threads' arenas and oneDNN's scratch memory (docs/probe.md)."""
+
+    def __init__(self, limit: HostLimit) -> None:
+        if limit.usage_file is None:
+            path, self._field, self._scale = Path("/proc/self/statm"), _STATM_FIELD[limit.source], resource.getpagesize()
+        else:
+            path, self._field, self._scale = limit.usage_file, 0, 1
+        self._fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+        self.base = 0
+        self.base = self()
+
+    def __call__(self) -> int:
+        return int(os.pread(self._fd, 256, 0).split()[self._field]) * self._scale - self.base
 
 
 def host_limits() -> list[HostLimit]:
@@ -85,7 +112,7 @@ def _cgroup_remaining(membership: Path = Path("/proc/self/cgroup"), mount: Path 
             if limit >= 1 << 60:  # "max", or v1's page-rounded largest number: no limit
                 continue
             reclaimable = _read_counters(directory / "memory.stat").get(reclaimable_key, 0)
-            remaining = HostLimit(source, max(0, limit - max(0, usage - reclaimable)))
+            remaining = HostLimit(source, max(0, limit - max(0, usage - reclaimable)), directory / usage_file)
             if tightest is None or remaining.remaining_bytes < tightest.remaining_bytes:
                 tightest = remaining
     return tightest

@@ -199,7 +199,6 @@ def gpus(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list (empty when there is no GPU) instead of a table."),
 ) -> None:
     """List the visible NVIDIA GPUs through NVML: memory used and free, processes, CUDA indices."""
-    from bsplan.backends.nvml import query
     from bsplan.cli.render import show_catalog, show_gpus
     from bsplan.planning.catalog import CATALOG
 
@@ -209,6 +208,8 @@ def gpus(
     if catalog:
         show_catalog(stdout)
         return
+    from bsplan.backends.nvml import query
+
     report = query(os.environ)
     if json_out:
         print(json.dumps([gpu.to_dict() for gpu in report.gpus], indent=2))

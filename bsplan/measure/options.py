@@ -3,6 +3,7 @@ progress it reports as it goes. Checked when made, so a script's options get the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,7 +62,8 @@ class ProbeOptions:
             raise BadInput("--strategy and --nproc probe training (gradients, optimizer state, their sync): "
                            "with --mode infer probe one process")
         checks.bucket_view(self.bucket_view, self.strategy)
-        checks.positive("--timeout", self.timeout)
+        if not 0 < self.timeout < math.inf:
+            raise BadInput("--timeout must be more than 0 seconds")
 
     @classmethod
     def from_cli(cls, *, memory_limit: str | None, max_batch: int | None, **values: object) -> ProbeOptions:

@@ -102,9 +102,10 @@ class TrialRunner:
 
     def _run_steps(self, batch_size: int) -> tuple[float, dict[str, int], int]:
         """Run the steps. Returns samples per second over the steps after the first (the warm-up),
-        the peaks of the last step's forward and of its forward and backward (the optimizer step's
-        own peak does not grow with the batch, so leaving it out keeps these close to affine in the
-        batch, for the search), and the peak of the steps before the last."""
+        the peaks of the last step's forward and of its forward and backward in what the device's
+        limit counts (the optimizer step's own peak does not grow with the batch, so leaving it out
+        keeps these close to affine in the batch, for the search), and the peak of the steps before
+        the last."""
         device, model = self.device, self.model
         autocast = (
             torch.autocast(device.torch_device.type, dtype=_AUTOCAST[self.precision])
@@ -135,13 +136,13 @@ class TrialRunner:
             if optimizer is None:
                 with torch.inference_mode(), autocast:
                     self.workload.loss(model, batch)
-                forward_peak = step_peak = device.peak_bytes()
+                forward_peak = step_peak = device.limit_peak_bytes()
                 continue
             with autocast:
                 loss = self.workload.loss(model, batch)
-            forward_peak = device.peak_bytes()
+            forward_peak = device.limit_peak_bytes()
             (loss if scaler is None else scaler.scale(loss)).backward()
-            step_peak = device.peak_bytes()
+            step_peak = device.limit_peak_bytes()
             held = device.current_bytes()
             if scaler is None:
                 optimizer.step()

@@ -1,9 +1,11 @@
 """Trials in other processes: N local ranks, one device each, the model wrapped in DDP or FSDP2, the
-same trials and search as one process, measured per device. With no strategy, one such process
-serves a probe under a limit from outside the process that a failed trial would poison or kill it
-for (an address-space rlimit, a cgroup's limit; probe.why_restart): it is restarted after
-each failed trial, as the ranks are under a strategy. A process the kernel's out-of-memory killer
-ended fails its trial like an out-of-memory error.
+same trials and search as one process, measured per device (the ranks restart after each failed
+trial). With no strategy, one such process serves a probe under a limit from outside the process
+(an address-space rlimit, a cgroup's limit; probe.why_restart), and every trial runs in a fresh
+one: a process that ran other trials holds address space a plain training process does not (a
+failed trial's, the heap's fragments), and the limit counts it. A process the kernel's
+out-of-memory killer ended fails its trial like an out-of-memory error. The processes are forked
+from a template that imported torch once (measure/rank.py), so a fresh one costs milliseconds.
 
 The parent process runs the search and is the only one that decides whether a trial fits: every
 rank runs the trial and reports to it over a pipe, and the batch fits only if it fitted on every
@@ -22,21 +24,17 @@ import os
 import signal
 import socket
 import time
-import warnings
 from dataclasses import replace
-from datetime import timedelta
 from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
-
-import torch
-import torch.distributed as dist
 
 from bsplan.backends import cuda
 from bsplan.backends.host import oom_kills
 from bsplan.measure.options import ProbeOptions
-from bsplan.measure.sources import LocalTrials, Static
-from bsplan.measure.workload import Workload, load_workload, user_error
+from bsplan.measure.rank import rank_main
+from bsplan.measure.sources import Static
 from bsplan.planning.errors import BadInput, BsplanError, NoFit, UserCodeError
 from bsplan.planning.results import DeviceInfo, Trial
 
@@ -87,6 +85,8 @@ class World:
                 self.trials.append(failed)
                 return failed
             replies[rank] = (trial, static)
+        if self._why_restart:  # the next trial in a fresh process too
+            self._stop()
         if self._static is None or not self._static.optimizer_state_measured or replies[0][1].optimizer_state_measured:
             self._static = replies[0][1]  # a fresh world's unmeasured state never replaces a measured one
         per_rank = [trial for trial, _ in replies.values()]
@@ -101,12 +101,13 @@ class World:
 
     def _start(self) -> None:
         """Start every rank and wait until each has built and wrapped its model."""
-        context = multiprocessing.get_context("spawn")
+        context = _context()
         port = _free_port()
+        place = (dict(os.environ), os.getcwd())  # the template's are those of when it started
         for rank in range(self.options.nproc):
             ours, theirs = context.Pipe()
             process = context.Process(
-                target=_rank_main, args=(rank, port, self.model_file, self.options, theirs), daemon=True,
+                target=rank_main, args=(rank, port, self.model_file, self.options, theirs, place), daemon=True,
                 name=f"bsplan-rank-{rank}",
             )
             process.start()
@@ -120,7 +121,7 @@ class World:
         if self._static is None:  # the first world's limit is the one the search aims at and the result reports
             self.device, self.notes = device, notes
             if self._why_restart:
-                self.notes = [*notes, f"{self._why_restart}: the trials ran in a child process, started afresh after each out-of-memory"]
+                self.notes = [*notes, f"{self._why_restart}: each trial ran in a fresh process, as a plain training process starts"]
         if self._static is None or not self._static.optimizer_state_measured:
             self._static = static
 
@@ -204,85 +205,11 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _rank_main(rank: int, port: int, model_file: Path, options: ProbeOptions, connection: Connection) -> None:
-    """One rank: join the process group, build and wrap the model, run trials on request."""
-    _first_for_the_oom_killer()
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it reports, then stops the world
-    os.dup2(2, 1)  # the model file's prints go to stderr: the parent's stdout carries only the result
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(options.nproc))
-    on_gpu = options.device == "cuda"
-    try:
-        if on_gpu:
-            cuda.set_device(rank)
-        if options.strategy != "none":
-            dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=options.nproc,
-                                    timeout=timedelta(seconds=options.timeout))
-        workload = load_workload(model_file)
-        wrapper = None if options.strategy == "none" else lambda model, device: wrap(model, device, workload, options)
-        with LocalTrials(workload, options, f"cuda:{rank}" if on_gpu else "cpu", wrapper) as trials:
-            connection.send(("ready", (trials.device, trials.notes, trials.static())))
-            while True:
-                batch, trials.runner.fitted_elsewhere = connection.recv()
-                trial = trials(batch)
-                connection.send(("trial", (trial, trials.static())))
-    except (EOFError, OSError):
-        pass  # the parent stopped this world
-    except BsplanError as error:
-        traceback_text = error.traceback_text if isinstance(error, UserCodeError) else ""
-        _send(connection, ("error", (type(error).__name__, str(error), traceback_text)))
-    except Exception as error:  # noqa: BLE001 - the user's code, reported with its traceback
-        where = "the trial process" if options.strategy == "none" else f"rank {rank}"
-        failure = user_error(f"setting up {where} of {model_file}", error)
-        _send(connection, ("error", ("UserCodeError", str(failure), failure.traceback_text)))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _first_for_the_oom_killer() -> None:
-    """A rank holds the trial's memory: past a cgroup's limit, the kernel's out-of-memory killer
-    must end it, not the parent that reports the result (raising one's own score needs no privilege)."""
-    try:
-        Path("/proc/self/oom_score_adj").write_text("1000")
-    except OSError:
-        pass
-
-
-def _send(connection: Connection, message: Any) -> None:
-    try:
-        connection.send(message)
-    except (OSError, EOFError):
-        pass
-
-
-def wrap(model: torch.nn.Module, device: torch.device, workload: Workload, options: ProbeOptions) -> torch.nn.Module:
-    """The model as the strategy runs it: DDP with its defaults (or gradient_as_bucket_view), or
-    FSDP2's fully_shard on each submodule that holds parameters, then the root, unless the model
-    file defines its own shard_model(model)."""
-    if options.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=options.bucket_view)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    policy = workload.shard_policy()
-    if policy is not None:
-        policy(model)
-        return model
-    mesh = init_device_mesh(device.type, (options.nproc,))
-    # torch's MultiheadAttention reads out_proj.weight without calling out_proj, so out_proj's own
-    # unit would never be gathered: it stays in its parent's unit.
-    inside_attention = {
-        id(child) for attention in model.modules() if isinstance(attention, torch.nn.MultiheadAttention)
-        for child in attention.modules() if child is not attention
-    }
-    for module in reversed(list(model.modules())):  # children first: each unit takes what is left
-        holds_parameters = any(True for _ in module.parameters(recurse=False))
-        if module is not model and holds_parameters and id(module) not in inside_attention:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+def _context() -> BaseContext:
+    """Processes forked from a template that imported measure/rank.py (torch with it), and the main
+    module, so that a child does not import it again; spawned where the platform cannot fork."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "bsplan.measure.rank"])
+    return context

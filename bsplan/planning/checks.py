@@ -28,6 +28,6 @@ def headroom(value: float) -> None:
 
 def bucket_view(given: bool, strategy: str, *also: str) -> None:
     """--bucket-view is DDP's; a command that compares strategies may allow it with `also` too."""
-    allowed = (Strategy.ddp, *also)
-    if given and strategy not in allowed:
-        raise BadInput(f"--bucket-view is DDP's gradient_as_bucket_view: it goes with --strategy {' or '.join(allowed)}")
+    if given and strategy not in (Strategy.ddp, *also):
+        extra = f" (or {', '.join(also)})" if also else ""
+        raise BadInput(f"--bucket-view is DDP's gradient_as_bucket_view: it goes with --strategy ddp{extra}")

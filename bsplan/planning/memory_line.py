@@ -85,8 +85,8 @@ class Overheads(Record):
     def total_bytes(self) -> int:
         return self.cuda_context_bytes + self.cublas_workspace_bytes + self.allocator_reserve_bytes
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "total_bytes": self.total_bytes}
+    def document(self) -> dict[str, Any]:
+        return {**super().document(), "total_bytes": self.total_bytes}
 
 
 def cuda_overheads(

@@ -106,7 +106,7 @@ class Limit(Record):
     gpu: str | None = None  # the catalogue GPU the limit was estimated for (--gpu), from the probe's memory line
     strategy: Strategy | None = None  # the strategy the limit was recomputed for (--strategy); None: as the probe ran
 
-    def to_dict(self) -> dict[str, Any]:
+    def document(self) -> dict[str, Any]:
         probe = None if self.probe is None else self.probe.to_dict()
         return {"micro_batch": self.micro_batch, "source": self.source, "probe": probe, "gpu": self.gpu, "strategy": self.strategy}
 
@@ -161,7 +161,7 @@ class Plan(Record):
     def accumulation_steps(self) -> int:
         return self.choice.accumulation_steps
 
-    def to_dict(self) -> dict[str, Any]:
+    def document(self) -> dict[str, Any]:
         """The JSON document; field names are a contract with scripts (docs/plan.md lists them)."""
         return {
             "schema": PLAN_SCHEMA,

@@ -116,7 +116,8 @@ def parse_count(text: str) -> int:
         count = round(float(number) * scale)
     except (ValueError, OverflowError):
         raise BadInput(f"cannot read {text!r} as a parameter count (e.g. 7.5e9 or 7.5B)") from None
-    checks.at_least("--params", count)
+    if count < 1:
+        raise BadInput(f"--params must be at least 1, not {text}")
     return count
 
 

@@ -108,8 +108,8 @@ class ProbeResult(Record):
     bucket_view: bool = False  # DDP ran with gradient_as_bucket_view=True
     schema: str = PROBE_SCHEMA
 
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
+    def document(self) -> dict[str, Any]:
+        data = super().document()
         data["breakdown"]["static_bytes"] = self.breakdown.static_bytes
         return data
 
@@ -144,8 +144,8 @@ class EstimateResult(Record):
     estimated: bool = True
     schema: str = ESTIMATE_SCHEMA
 
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
+    def document(self) -> dict[str, Any]:
+        data = super().document()
         data["breakdown"]["static_bytes"] = self.breakdown.static_bytes
         data["overheads"] = self.overheads.to_dict()
         if self.per_device is not None:
@@ -176,7 +176,7 @@ class StatesEstimate(Record):
     notes: tuple[str, ...] = ()
     schema: str = STATES_SCHEMA
 
-    def to_dict(self) -> dict[str, Any]:
+    def document(self) -> dict[str, Any]:
         per_device = self.per_device.to_dict()
         return {
             "schema": self.schema, "parameters": self.parameters, "optimizer": self.optimizer, "precision": self.precision,

@@ -93,7 +93,7 @@ class DeviceStates(Record):
     def static_bytes(self) -> float:
         return sum(getattr(self, part) for part in _PARTS)
 
-    def to_dict(self) -> dict[str, Any]:
+    def document(self) -> dict[str, Any]:
         layout = self.layout
         parts = {part: round(getattr(self, part)) for part in _PARTS}
         return {"strategy": layout.strategy, "world_size": layout.world_size, "bucket_view": layout.bucket_view,

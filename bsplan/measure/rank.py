@@ -1,0 +1,121 @@
+"""What runs in a trial process (a rank of a strategy probe, or the one trial process of a probe
+under a limit from outside the process): join the process group, build and wrap the model, run
+trials on request and report each to the parent (measure/world.py).
+
+Trial processes are forked from a template process that has imported this module, and with it
+torch, once (multiprocessing's forkserver): a fresh trial process is ready in milliseconds, and it
+holds what a plain training process that imported torch holds.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch: in the template too
+
+import os  # noqa: E402
+import signal  # noqa: E402
+from datetime import timedelta  # noqa: E402
+from multiprocessing.connection import Connection  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402, F401  # an optimizer imports it when made (~1 s): once, in the template
+import torch.distributed as dist  # noqa: E402
+
+from bsplan.backends import cuda  # noqa: E402
+from bsplan.measure.options import ProbeOptions  # noqa: E402
+from bsplan.measure.sources import LocalTrials  # noqa: E402
+from bsplan.measure.workload import Workload, load_workload, user_error  # noqa: E402
+from bsplan.planning.errors import BsplanError, UserCodeError  # noqa: E402
+
+
+def rank_main(
+    rank: int, port: int, model_file: Path, options: ProbeOptions, connection: Connection, place: tuple[dict[str, str], str]
+) -> None:
+    """One rank: join the process group, build and wrap the model, run trials on request. `place` is
+    the parent's environment and working directory, which the template may not share."""
+    environ, cwd = place
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    _first_for_the_oom_killer()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it reports, then stops the world
+    os.dup2(2, 1)  # the model file's prints go to stderr: the parent's stdout carries only the result
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(options.nproc))
+    on_gpu = options.device == "cuda"
+    try:
+        if on_gpu:
+            cuda.set_device(rank)
+        if options.strategy != "none":
+            dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=options.nproc,
+                                    timeout=timedelta(seconds=options.timeout))
+        workload = load_workload(model_file)
+        wrapper = None if options.strategy == "none" else lambda model, device: wrap(model, device, workload, options)
+        with LocalTrials(workload, options, f"cuda:{rank}" if on_gpu else "cpu", wrapper) as trials:
+            connection.send(("ready", (trials.device, trials.notes, trials.static())))
+            while True:
+                batch, trials.runner.fitted_elsewhere = connection.recv()
+                trial = trials(batch)
+                connection.send(("trial", (trial, trials.static())))
+    except (EOFError, OSError):
+        pass  # the parent stopped this world
+    except BsplanError as error:
+        traceback_text = error.traceback_text if isinstance(error, UserCodeError) else ""
+        _send(connection, ("error", (type(error).__name__, str(error), traceback_text)))
+    except Exception as error:  # noqa: BLE001 - the user's code, reported with its traceback
+        where = "the trial process" if options.strategy == "none" else f"rank {rank}"
+        failure = user_error(f"setting up {where} of {model_file}", error)
+        _send(connection, ("error", ("UserCodeError", str(failure), failure.traceback_text)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _first_for_the_oom_killer() -> None:
+    """A rank holds the trial's memory: past a cgroup's limit, the kernel's out-of-memory killer
+    must end it, not the parent that reports the result (raising one's own score needs no privilege)."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
+
+
+def _send(connection: Connection, message: Any) -> None:
+    try:
+        connection.send(message)
+    except (OSError, EOFError):
+        pass
+
+
+def wrap(model: torch.nn.Module, device: torch.device, workload: Workload, options: ProbeOptions) -> torch.nn.Module:
+    """The model as the strategy runs it: DDP with its defaults (or gradient_as_bucket_view), or
+    FSDP2's fully_shard on each submodule that holds parameters, then the root, unless the model
+    file defines its own shard_model(model)."""
+    if options.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=options.bucket_view)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    policy = workload.shard_policy()
+    if policy is not None:
+        policy(model)
+        return model
+    mesh = init_device_mesh(device.type, (options.nproc,))
+    # torch's MultiheadAttention reads out_proj.weight without calling out_proj, so out_proj's own
+    # unit would never be gathered: it stays in its parent's unit.
+    inside_attention = {
+        id(child) for attention in model.modules() if isinstance(attention, torch.nn.MultiheadAttention)
+        for child in attention.modules() if child is not attention
+    }
+    for module in reversed(list(model.modules())):  # children first: each unit takes what is left
+        holds_parameters = any(True for _ in module.parameters(recurse=False))
+        if module is not model and holds_parameters and id(module) not in inside_attention:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
