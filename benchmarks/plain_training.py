@@ -3,8 +3,8 @@ train a few steps at one batch size, exit. No bsplan code is imported, so nothin
 in its memory: it is the truth a probe under an OS limit is checked against.
 
 Exit status: 0 when the steps ran, 3 when memory ran out (any error whose message says so, or a
-MemoryError), 1 on anything else. With --vmdata it prints its VmData at rest (after building the
-model and the optimizer, before the first step) and after the steps, in bytes.
+MemoryError), 1 on anything else. With --vmdata it prints its VmData in bytes and its number of
+threads at rest (after building the model and the optimizer, before the first step) and after the steps.
 
     python benchmarks/plain_training.py examples/cnn.py 64 [--steps 5] [--vmdata]
 """
@@ -22,11 +22,9 @@ import torch  # noqa: E402
 OUT_OF_MEMORY = 3
 
 
-def vmdata() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmData:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmData in /proc/self/status")
+def vmdata() -> str:
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return f"{int(fields['VmData'].split()[0]) * 1024} {int(fields['Threads'])}"
 
 
 def main() -> int:

@@ -70,10 +70,11 @@ def test_a_named_gpu_gets_a_max_batch_with_its_breakdown_and_overheads() -> None
 
 
 def test_the_cli_json_has_the_probe_fields_marked_estimated(workdir: Path) -> None:
-    run = bsplan("estimate", str(EXAMPLES / "cnn.py"), "--gpu", "H100-80GB", "--json", "--output", "est.json", cwd=workdir)
+    run = bsplan("estimate", str(EXAMPLES / "cnn.py"), "--gpu", "H100-80GB", "--method", "run", "--json", "--output", "est.json",
+                 cwd=workdir)
     assert run.code == 0, run.stderr
     data = run.json()
-    assert data["schema"] == "bsplan.estimate/1" and data["estimated"] is True
+    assert data["schema"] == "bsplan.estimate/1" and data["estimated"] is True and data["method"] == "run"
     assert data["max_batch"] > 10_000 and data["recommended_batch"] < data["max_batch"]
     assert data["device"]["type"] == "cuda" and data["gpu"]["key"] == "H100-SXM-80GB"
     assert set(data["breakdown"]) == {

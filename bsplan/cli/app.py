@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 from bsplan.planning.choices import (
-    Mode, Optimizer, PlanFormat, PlanStrategy, Precision, ProbeLimit, ProbeStrategy, RunPrecision, Scaling, Search, Strategy,
+    Method, Mode, Optimizer, PlanFormat, PlanStrategy, Precision, ProbeLimit, ProbeStrategy, RunPrecision, Scaling, Search, Strategy,
 )
 from bsplan.planning.errors import BadInput, BsplanError, UserCodeError
 from bsplan.planning.results import LAST_PROBE
@@ -243,6 +243,9 @@ def estimate(
     activation_bytes_per_sample: Optional[str] = typer.Option(
         None, help="With --params: activation memory per sample (e.g. a probe's), for a largest batch on --gpu or --memory."
     ),
+    method: Method = typer.Option(
+        Method.trace, help="trace: the probe's search on fake tensors (no memory, no compute; exact under a --memory budget). run: real steps on the CPU at small batches."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
     output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file (bsplan plan --from reads it)."),
 ) -> None:
@@ -257,6 +260,7 @@ def estimate(
             model_given=model_file is not None, gpu=gpu, memory=memory, cuda_context=cuda_context, max_batch=max_batch,
             strategy=strategy, gpus=gpus, bucket_view=bucket_view, params=params, optimizer=optimizer,
             activation_bytes_per_sample=activation_bytes_per_sample, precision=precision, mode=mode, headroom=headroom,
+            method=method,
         )
         if model_file is None:
             states = estimate_states(options)

@@ -12,19 +12,24 @@ extrapolated to the target (planning/prediction.py), where a CUDA target adds it
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from bsplan.backends.cpu import CpuDevice
+from bsplan.measure.oom import first_line
 from bsplan.measure.options import Progress
 from bsplan.measure.sources import measure_static
+from bsplan.measure.trace import trace
 from bsplan.measure.trial import TrialRunner
 from bsplan.measure.workload import load_workload
-from bsplan.planning.errors import BadInput
+from bsplan.planning.choices import Method
+from bsplan.planning.errors import BadInput, NoFit
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement, predict_for
-from bsplan.planning.results import DEFAULT_MAX_BATCH, EstimateResult
+from bsplan.planning.results import DEFAULT_MAX_BATCH, EstimateResult, ProbeResult
+from bsplan.planning.strategies import SINGLE
 from bsplan.planning.units import format_bytes
 
 # Consecutive slopes within 2% count as one affine regime.
@@ -38,9 +43,35 @@ MEASURE_SECONDS = 60.0
 
 
 def run_estimate(model_file: Path, options: EstimateOptions, progress: Progress) -> EstimateResult:
+    """Traced by default; by real CPU steps with --method run, or where the model cannot be traced."""
     device, overheads = options.target()
-    measurement = measure(model_file, options.precision, options.mode, progress, device.total_bytes - overheads.total_bytes)
-    return predict_for(measurement, options)
+    budget = device.total_bytes - overheads.total_bytes
+    fallback: tuple[str, ...] = ()
+    if options.method == Method.trace:
+        try:
+            measurement, traced = trace(model_file, options, budget, progress)
+        except (BadInput, NoFit):
+            raise
+        except Exception as error:  # noqa: BLE001 - an operator with no fake implementation, or the model's own error
+            why = re.sub(r"\S*=?<[^<>]* at 0x[0-9a-f]+>", "", first_line(error)).strip()
+            fallback = (f"the step could not be traced ({why}): measured with real steps on the CPU instead (--method run)",)
+            progress.note(fallback[0])
+        else:
+            return _exact(predict_for(measurement, options), traced, overheads.cublas_workspace_bytes)
+    measurement = measure(model_file, options.precision, options.mode, progress, budget)
+    return predict_for(replace(measurement, notes=fallback + measurement.notes), options)
+
+
+def _exact(result: EstimateResult, traced: ProbeResult, workspace_bytes: int) -> EstimateResult:
+    """On one device the traced search's answer is exact under the counted budget, where the line
+    only predicts it; under a strategy the line, moved by the strategy's states, is the answer."""
+    if result.per_device is not None and result.per_device.layout != SINGLE:
+        return replace(result, method=Method.trace)
+    most = traced.max_batch
+    peak = None if traced.peak_bytes is None else traced.peak_bytes + workspace_bytes
+    recommended = None if most is None or result.recommended_batch is None else min(result.recommended_batch, most)
+    return replace(result, max_batch=most, recommended_batch=recommended, peak_bytes=peak, capped_at=traced.capped_at,
+                   method=Method.trace)
 
 
 def measure(model_file: Path, precision: str, mode: str, progress: Progress, budget_bytes: float) -> Measurement:

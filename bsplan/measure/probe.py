@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from bsplan.backends.device import Device
 from bsplan.backends.host import ADDRESS_SPACE_LIMITS, CGROUP_LIMITS
 from bsplan.measure.options import ProbeOptions, Progress
 from bsplan.measure.search import SearchOutcome, find_max_batch
@@ -23,15 +25,22 @@ from bsplan.planning.units import format_bytes
 # in every fresh process and up to 42 in some; the data the limit counts moved by ~7% at one batch):
 # the search settles within 5%.
 BAND_TOLERANCE = 0.05
+# ...and the heap under such a limit keeps growing over a training process's first steps: plain
+# training of examples/transformer.py fitted batch 8 in 3 of 3 processes with 3 steps, in 0 of 3
+# with 5 (docs/probe.md). Trials there run at least 5 steps.
+BAND_STEPS = 5
 
 
-def run_probe(model_file: Path, options: ProbeOptions, progress: Progress) -> ProbeResult:
-    """Find the largest batch that fits. Ctrl-C returns what was measured so far (interrupted)."""
+def run_probe(model_file: Path, options: ProbeOptions, progress: Progress, backend: Device | None = None) -> ProbeResult:
+    """Find the largest batch that fits (on `backend`, where given: a traced device). Ctrl-C returns
+    what was measured so far (interrupted)."""
     workload = load_workload(model_file)
     source: TrialSource
     if options.strategy == "none":
-        local = LocalTrials(workload, options)
+        local = LocalTrials(workload, options, backend=backend)
         why = why_restart(local.device_backend.outside_limit)
+        if why:
+            options = replace(options, steps=max(options.steps, BAND_STEPS))
         source = World(model_file, options, why) if why else local
     else:
         source = World(model_file, options)

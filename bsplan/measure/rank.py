@@ -13,6 +13,8 @@ import warnings
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch: in the template too
 
+import ctypes  # noqa: E402
+import itertools  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 from datetime import timedelta  # noqa: E402
@@ -41,6 +43,7 @@ def rank_main(
     os.environ.update(environ)
     os.chdir(cwd)
     _first_for_the_oom_killer()
+    _restart_thread_pools()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it reports, then stops the world
     os.dup2(2, 1)  # the model file's prints go to stderr: the parent's stdout carries only the result
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -72,6 +75,23 @@ def rank_main(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _restart_thread_pools() -> None:
+    """A forked process lacks the threads its template's libraries started when they were imported:
+    OpenBLAS (numpy's, which torch imports) stops its pool at a fork and starts it only at its next
+    use. A plain training process has those threads, and their stacks and heaps count against an
+    address-space limit: without them a trial process fitted larger batches than plain processes
+    (docs/probe.md). Setting the pool's size starts it again, as importing did, with no buffers."""
+    library = next((line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.rsplit("/", 1)[-1]), None)
+    if library is None:
+        return
+    openblas = ctypes.CDLL(library)
+    for prefix, suffix in itertools.product(("openblas_", "scipy_openblas_"), ("", "64_")):
+        get, set_ = (getattr(openblas, f"{prefix}{verb}_num_threads{suffix}", None) for verb in ("get", "set"))
+        if get is not None and set_ is not None:
+            set_(get())
+            return
 
 
 def _first_for_the_oom_killer() -> None:

@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from bsplan.backends.device import open_device
+from bsplan.backends.device import Device, open_device
 from bsplan.measure.oom import Failure, classify, first_line
 from bsplan.measure.options import ProbeOptions
 from bsplan.measure.trial import TrialRunner, local
@@ -69,9 +69,11 @@ class LocalTrials:
     `wrap` applies a data-parallel strategy (measure/world.py) after the model is built."""
 
     def __init__(self, workload: Workload, options: ProbeOptions, device_spec: str | None = None,
-                 wrap: Callable[[torch.nn.Module, torch.device], torch.nn.Module] | None = None) -> None:
+                 wrap: Callable[[torch.nn.Module, torch.device], torch.nn.Module] | None = None,
+                 backend: Device | None = None) -> None:
         self.workload, self.options, self.wrap = workload, options, wrap
-        self.device_backend = open_device(options.device if device_spec is None else device_spec, options.memory_limit)
+        spec = options.device if device_spec is None else device_spec
+        self.device_backend = open_device(spec, options.memory_limit) if backend is None else backend
         self.device = self.device_backend.info
         self.notes = list(self.device_backend.notes)
         self.trials: list[Trial] = []
@@ -81,7 +83,7 @@ class LocalTrials:
         self._tracking = backend.tracking()
         self._tracking.__enter__()
         try:
-            model = self.workload.build_model().to(backend.torch_device)
+            model = _on(self.workload.build_model(), backend.torch_device)
             model.train(options.mode == "train")
             self._plain = model
             before = backend.current_bytes()
@@ -112,6 +114,12 @@ class LocalTrials:
         if self.options.bucket_view:  # the gradients live in DDP's buckets: no second copy
             static = replace(static, bucket_bytes=max(0, static.bucket_bytes - static.gradient_bytes))
         return static
+
+
+def _on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model moved to the device, where it is not there yet (a fake model cannot be moved)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return model if all(tensor.device == device for tensor in tensors) else model.to(device)
 
 
 def measure_static(

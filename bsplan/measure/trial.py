@@ -182,7 +182,7 @@ def storage_bytes(values: list[object]) -> int:
     for value in values:
         if isinstance(value, torch.Tensor):
             storage = local(value).untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            storages[storage._cdata] = storage.nbytes()  # fake storages have no data pointer: 0 for all
     return sum(storages.values())
 
 

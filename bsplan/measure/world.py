@@ -121,7 +121,8 @@ class World:
         if self._static is None:  # the first world's limit is the one the search aims at and the result reports
             self.device, self.notes = device, notes
             if self._why_restart:
-                self.notes = [*notes, f"{self._why_restart}: each trial ran in a fresh process, as a plain training process starts"]
+                self.notes = [*notes, f"{self._why_restart}: each trial ran in a fresh process, as a plain training "
+                                      f"process starts, for {self.options.steps} steps"]
         if self._static is None or not self._static.optimizer_state_measured:
             self._static = static
 

@@ -92,6 +92,14 @@ class Scaling(Choice):
     none = "none"
 
 
+class Method(Choice):
+    """How `bsplan estimate` measures a step: traced with fake tensors (no memory, no compute), or run
+    for real on the CPU at small batches."""
+
+    trace = "trace"
+    run = "run"
+
+
 class ProbeLimit(Choice):
     """Which of a probe's limits a plan takes: the recommended batch (keeps headroom) or the largest."""
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from bsplan.planning import checks
 from bsplan.planning.catalog import GpuModel, find_gpu
-from bsplan.planning.choices import Mode, Optimizer, Precision, Strategy
+from bsplan.planning.choices import Method, Mode, Optimizer, Precision, Strategy
 from bsplan.planning.errors import BadInput
 from bsplan.planning.memory_line import DEFAULT_CUDA_CONTEXT_BYTES, MemoryLine, Overheads, cuda_overheads, predict
 from bsplan.planning.results import DEFAULT_MAX_BATCH, Breakdown, DeviceInfo, EstimateResult, ModelInfo, StatesEstimate, Trial
@@ -34,11 +34,12 @@ class EstimateOptions:
     parameters: int | None = None  # --params: model states from a count alone, no model file
     optimizer: Optimizer = Optimizer.adamw  # with --params
     activation_bytes_per_sample: float | None = None  # with --params
+    method: Method = Method.trace  # how a model file's step is measured
 
     def __post_init__(self) -> None:
         """Each choice made a member and each bad value refused with one sentence."""
         for name, kind, option in (("precision", Precision, "--precision"), ("mode", Mode, "--mode"),
-                                   ("optimizer", Optimizer, "--optimizer")):
+                                   ("optimizer", Optimizer, "--optimizer"), ("method", Method, "--method")):
             object.__setattr__(self, name, kind.parse(getattr(self, name), option))
         checks.headroom(self.headroom)
         checks.at_least("--max-batch", self.max_batch)

@@ -142,6 +142,7 @@ class EstimateResult(Record):
     # The model states on one device under --strategy (docs/strategies.md); fit is then that device's line.
     per_device: DeviceStates | None = None
     estimated: bool = True
+    method: str = "run"  # "trace": the steps traced with fake tensors (measure/trace.py); "run": real CPU steps
     schema: str = ESTIMATE_SCHEMA
 
     def document(self) -> dict[str, Any]:

@@ -1,0 +1,53 @@
+"""A CPU with no memory behind its tensors: under torch's FakeTensorMode every tensor has its shape,
+dtype and device but no storage, and every operator runs only its shape function. The same
+TensorBytesLimit as the counted CPU limit counts the bytes each storage would take, so a traced
+step has, to the byte, the peak a real one has under `--memory-limit`, without the memory or the
+compute: a model of any size traces on a laptop (measure/trace.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from bsplan.backends.cpu import TensorBytesLimit
+from bsplan.planning.results import DeviceInfo
+from bsplan.planning.units import format_bytes
+
+
+class FakeDevice:
+    """The CPU traced with fake tensors, every would-be byte counted against `limit_bytes`."""
+
+    outside_limit = None
+
+    def __init__(self, limit_bytes: int, name: str) -> None:
+        self.torch_device = torch.device("cpu")
+        self.info = DeviceInfo(name, "cpu", limit_bytes, "traced", exact=True)
+        self.notes = [f"traced with fake tensors, every tensor byte counted against {format_bytes(limit_bytes)}"]
+        self._counter = TensorBytesLimit(limit_bytes)
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        # The fake mode outside, the counter inside: the counter sees each operator's fake outputs.
+        with FakeTensorMode(), self._counter:
+            yield
+
+    def reset_peak(self) -> None:
+        self._counter.reset_peak()
+
+    def peak_bytes(self) -> int:
+        return self._counter.peak_bytes
+
+    def limit_peak_bytes(self) -> int:
+        return self._counter.peak_bytes
+
+    def current_bytes(self) -> int:
+        return self._counter.current_bytes
+
+    def release(self) -> None:
+        """Nothing was allocated."""
+
+    def synchronize(self) -> None:
+        """Nothing runs."""

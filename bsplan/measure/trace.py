@@ -1,0 +1,42 @@
+"""The trace engine: a model's training steps on a FakeDevice (backends/fake.py), where tensors have
+shapes and no storage, counted byte for byte as the counted CPU limit counts real ones. The probe's
+own search runs on it, so `bsplan estimate --memory SIZE` finds the batch `bsplan probe
+--memory-limit SIZE` finds, exactly, without the memory or the compute of the steps.
+
+A model whose operators have no fake implementation (or that mixes fake and real tensors itself)
+cannot be traced; the estimate then runs real steps instead and says so (measure/estimate.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from bsplan.backends.fake import FakeDevice
+from bsplan.measure.options import ProbeOptions, Progress
+from bsplan.measure.probe import run_probe
+from bsplan.planning.choices import RunPrecision
+from bsplan.planning.errors import BadInput
+from bsplan.planning.memory_line import fit_top
+from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement
+from bsplan.planning.results import ProbeResult
+
+
+def trace(model_file: Path, options: EstimateOptions, budget_bytes: int, progress: Progress) -> tuple[Measurement, ProbeResult]:
+    """The probe's search traced against a budget: its exact answer, and the measurement (the
+    model, its breakdown, the line through the traced trials) that the prediction rests on."""
+    probe_options = ProbeOptions(
+        device="cpu", memory_limit=budget_bytes, precision=RunPrecision.parse(options.precision, "--precision"),
+        mode=options.mode, steps=ESTIMATE_STEPS, max_batch=options.max_batch, headroom=options.headroom,
+    )
+    device = FakeDevice(budget_bytes, f"{model_file} traced")
+    result = run_probe(model_file, probe_options, progress, backend=device)
+    trials = tuple(replace(trial, samples_per_second=None) for trial in result.trials)  # a trace takes no real time
+    line = fit_top([trial.point for trial in trials if trial.point is not None])
+    if line is None:
+        raise BadInput(f"{model_file} traced {sum(t.fits for t in trials)} fitting batch(es) within the budget, and a "
+                       "per-sample slope needs two: the model states alone nearly fill it")
+    breakdown = replace(result.breakdown, activation_bytes_per_sample=line.per_sample_bytes)
+    notes = (f"traced with fake tensors: the probe's search found max_batch {result.max_batch} under the counted budget "
+             f"of {budget_bytes} bytes",)
+    return Measurement(result.model, breakdown, line, trials, notes), result

@@ -1,0 +1,81 @@
+"""The trace engine: a step traced with fake tensors counts, to the byte, what the counted CPU limit
+counts when the step runs for real; `bsplan estimate --memory` traced finds the probe's answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLES, MODELS, bsplan
+
+from bsplan.backends.cpu import CpuDevice
+from bsplan.backends.fake import FakeDevice
+from bsplan.measure.trial import TrialRunner
+from bsplan.measure.workload import load_workload
+from bsplan.planning.results import Trial
+
+GIB = 2**30
+
+
+def _trial(device: CpuDevice | FakeDevice, model_file: Path, batch: int, precision: str, mode: str) -> Trial:
+    workload = load_workload(model_file)
+    with device.tracking():
+        model = workload.build_model()
+        model.train(mode == "train")
+        runner = TrialRunner(workload, model, device, steps=2, precision=precision, mode=mode)
+        trial = runner(batch)
+    assert trial.fits
+    return trial
+
+
+@pytest.mark.parametrize(("model_file", "batch", "precision", "mode"), [
+    (EXAMPLES / "cnn.py", 8, "fp32", "train"),  # BatchNorm, SGD with momentum
+    (EXAMPLES / "cnn.py", 114, "fp32", "train"),
+    (EXAMPLES / "mlp.py", 700, "fp32", "train"),  # AdamW
+    (MODELS / "tiny.py", 64, "bf16", "train"),  # autocast
+    (MODELS / "tiny.py", 64, "fp32", "infer"),  # inference_mode
+    (MODELS / "dict_loss.py", 24, "fp32", "train"),  # a dict batch and an output with .loss
+])
+def test_a_traced_step_counts_the_bytes_a_real_one_counts(model_file: Path, batch: int, precision: str, mode: str) -> None:
+    real = _trial(CpuDevice(8 * GIB), model_file, batch, precision, mode)
+    traced = _trial(FakeDevice(8 * GIB, "traced"), model_file, batch, precision, mode)
+    assert (traced.peak_bytes, traced.forward_peak_bytes, traced.step_peak_bytes) == (
+        real.peak_bytes, real.forward_peak_bytes, real.step_peak_bytes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("example", "probed"), [("cnn.py", 114), ("mlp.py", 27039), ("transformer.py", 18)])
+def test_a_traced_estimate_finds_the_probes_max_batch(workdir: Path, example: str, probed: int) -> None:
+    """`bsplan probe EXAMPLE --device cpu --memory-limit 300MiB` finds `probed` (docs/probe.md; tests
+    that check it against fresh processes: test_exact.py). The transformer cannot be traced yet
+    (torch's fast path of nn.TransformerEncoderLayer mixes fake modes): it falls back to real steps, saying so."""
+    run = bsplan("estimate", str(EXAMPLES / example), "--memory", "300MiB", "--json", cwd=workdir)
+    assert run.code == 0, run.stderr
+    data = run.json()
+    assert data["max_batch"] == probed
+    if example == "transformer.py":
+        assert data["method"] == "run" and any("could not be traced" in note for note in data["notes"])
+    else:
+        assert data["method"] == "trace" and all(trial["samples_per_second"] is None for trial in data["trials"])
+
+
+def test_a_step_that_cannot_be_traced_is_run_for_real_and_says_so(workdir: Path) -> None:
+    """fp16's GradScaler reads a tensor's value (whether the gradients overflowed), which a fake tensor
+    does not have: the estimate then measures real steps, with a note naming why."""
+    run = bsplan("estimate", str(MODELS / "tiny.py"), "--memory", "64MiB", "--precision", "fp16", "--json", cwd=workdir)
+    assert run.code == 0, run.stderr
+    data = run.json()
+    assert data["method"] == "run" and data["max_batch"] > 100
+    assert any("could not be traced" in note and "DataDependentOutputException" in note for note in data["notes"])
+
+
+def test_a_traced_estimate_for_a_gpu_searches_up_to_its_memory(workdir: Path) -> None:
+    """No host memory is needed: the trace runs the search at batches that need tens of GiB."""
+    run = bsplan("estimate", str(EXAMPLES / "cnn.py"), "--gpu", "H100-80GB", "--json", cwd=workdir)
+    assert run.code == 0, run.stderr
+    data = run.json()
+    assert data["method"] == "trace" and data["max_batch"] > 10_000
+    largest = max(trial["batch"] for trial in data["trials"] if trial["fits"])
+    assert largest == data["max_batch"] and any(not trial["fits"] and trial["batch"] == largest + 1 for trial in data["trials"])
+    budget = data["device"]["total_bytes"] - data["overheads"]["total_bytes"]
+    assert max(trial["peak_bytes"] for trial in data["trials"] if trial["fits"]) <= budget < 80 * GIB
