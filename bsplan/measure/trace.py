@@ -19,7 +19,7 @@ from bsplan.planning.choices import RunPrecision
 from bsplan.planning.errors import BadInput
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement
-from bsplan.planning.results import ProbeResult
+from bsplan.planning.results import ProbeResult, Trial
 
 
 def trace(model_file: Path, options: EstimateOptions, budget_bytes: int, progress: Progress) -> tuple[Measurement, ProbeResult]:
@@ -30,8 +30,8 @@ def trace(model_file: Path, options: EstimateOptions, budget_bytes: int, progres
         mode=options.mode, steps=ESTIMATE_STEPS, max_batch=options.max_batch, headroom=options.headroom,
     )
     device = FakeDevice(budget_bytes, f"{model_file} traced")
-    result = run_probe(model_file, probe_options, progress, backend=device)
-    trials = tuple(replace(trial, samples_per_second=None) for trial in result.trials)  # a trace takes no real time
+    result = run_probe(model_file, probe_options, _Untimed(progress), backend=device)
+    trials = tuple(_untimed(trial) for trial in result.trials)
     line = fit_top([trial.point for trial in trials if trial.point is not None])
     if line is None:
         raise BadInput(f"{model_file} traced {sum(t.fits for t in trials)} fitting batch(es) within the budget, and a "
@@ -40,3 +40,24 @@ def trace(model_file: Path, options: EstimateOptions, budget_bytes: int, progres
     notes = (f"traced with fake tensors: the probe's search found max_batch {result.max_batch} under the counted budget "
              f"of {budget_bytes} bytes",)
     return Measurement(result.model, breakdown, line, trials, notes), result
+
+
+def _untimed(trial: Trial) -> Trial:
+    """A traced trial takes no real time: it has no throughput."""
+    return replace(trial, samples_per_second=None)
+
+
+class _Untimed:
+    """The progress of traced trials, shown without a throughput."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def started(self, batch: int) -> None:
+        self.progress.started(batch)
+
+    def finished(self, trial: Trial) -> None:
+        self.progress.finished(_untimed(trial))
+
+    def note(self, text: str) -> None:
+        self.progress.note(text)
