@@ -1,13 +1,15 @@
-"""`bsplan estimate`: the largest batch for a device you do not have, from training steps on the CPU.
+"""`bsplan estimate`: the largest batch for a device you do not have.
 
-Two real training steps (forward, backward, optimizer step: the probe's TrialRunner) run on the CPU
-at batches 1, 2, 4, ... (x8 while the peak barely grows) with every tensor byte counted
-(backends/cpu.py, the host's memory as the limit). The peak is affine in the batch only
-once one phase of the step dominates (memory_line.fit_top), so the batches grow until the last two
-slopes agree and the per-sample part of the peak has reached the fixed part, or until the next
-batch would pass the target's predicted boundary; the line through the two largest batches is
-extrapolated to the target (planning/prediction.py), where a CUDA target adds its overheads
-(memory_line.cuda_overheads). docs/estimate.md: method, overheads, accuracy.
+By default the step is traced (measure/trace.py): the probe's own search on fake tensors against
+the target's budget, exact under the counted rules. Where a step cannot be traced, or with
+--method run, two real training steps (the probe's TrialRunner) run on the CPU at batches 1, 2,
+4, ... (x8 while the peak barely grows) with every tensor byte counted (backends/cpu.py, the host's
+memory as the limit). The peak is affine in the batch only once one phase of the step dominates
+(memory_line.fit_top), so the batches grow until the last two slopes agree and the per-sample part
+of the peak has reached the fixed part, or until the next batch would pass the target's predicted
+boundary; the line through the largest batches is extrapolated to the target
+(planning/prediction.py), where a CUDA target adds its overheads (memory_line.cuda_overheads).
+docs/estimate.md: method, overheads, accuracy.
 """
 
 from __future__ import annotations
