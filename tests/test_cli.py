@@ -122,6 +122,24 @@ def test_a_limit_from_outside_the_process_is_recognised_as_out_of_memory(workdir
     assert data["max_batch"] >= 0.6 * max(t["batch"] for t in data["trials"] if t["fits"])
 
 
+def test_under_a_limit_from_outside_the_trial_steps_run_as_plain_training_does(workdir: Path) -> None:
+    # Counting every operator through Python moved the edge (docs/probe.md): here the step runs
+    # uncounted, and its peak is what the limit counts, read by the meter.
+    args = ("probe", str(MODELS / "no_mode.py"), "--device", "cpu", "--json", "--min-batch", "4", "--max-batch", "4")
+    assert bsplan(*args, "--memory-limit", "1GiB", cwd=workdir).code == 1  # counted: the mode is there
+    run = bsplan(*args, cwd=workdir, preexec_fn=_limit_data(_bare_torch_data() + 600 * 2**20))
+    assert run.code == 0, run.stderr
+    data = run.json()
+    assert data["device"]["limit_source"] == "RLIMIT_DATA" and data["max_batch"] == 4
+    assert all(0 < t["peak_bytes"] < 600 * 2**20 for t in data["trials"])
+
+
+def _bare_torch_data() -> int:
+    """VmData of a process that has only imported torch."""
+    code = "import torch\nfor line in open('/proc/self/status'):\n    line.startswith('VmData') and print(line.split()[1])"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) * 1024
+
+
 @contextlib.contextmanager
 def _memory_cgroup(limit: int) -> Iterator[Path]:
     """A fresh cgroup with this memory limit (swap capped too), under this process's own cgroup
@@ -230,7 +248,9 @@ def test_the_users_traceback_is_shown_for_their_error(workdir: Path) -> None:
 
 def test_ctrl_c_prints_what_was_measured(workdir: Path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "bsplan.cli", "probe", str(EXAMPLES / "mlp.py"), "--device", "cpu", "--memory-limit", "2GiB", "--json"],
+        # --search bisect: a probe aimed by the trace would be done in 3 trials
+        [sys.executable, "-m", "bsplan.cli", "probe", str(EXAMPLES / "mlp.py"), "--device", "cpu", "--memory-limit", "2GiB", "--json",
+         "--search", "bisect"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir,
     )
     assert process.stderr is not None

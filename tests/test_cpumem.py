@@ -1,6 +1,9 @@
 """The CPU's exact limit: live tensor bytes counted once, freed on release, refused past the limit."""
 
 import gc
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,23 @@ def test_the_usage_meter_reads_what_rlimit_data_counts() -> None:
     grown = vmdata() - before
     assert grown >= 64 * 2**20 and abs(meter() - grown) <= 2**20
     del block
+
+
+def test_the_meters_peak_catches_an_allocation_freed_between_reads() -> None:
+    """Where nothing counts tensors (the trial process under an outside limit), the peak comes from
+    the meter alone: a thread's samples for RLIMIT_DATA, the kernel's VmPeak for RLIMIT_AS (read in a
+    fresh process, whose VmPeak starts at its VmSize)."""
+    from bsplan.backends.host import UsageMeter
+
+    meter = UsageMeter(HostLimit("RLIMIT_DATA", 0))
+    meter.sample()
+    block = bytearray(64 * 2**20)
+    time.sleep(0.05)
+    del block
+    assert meter() < 16 * 2**20 <= 64 * 2**20 <= meter.peak()
+    code = ("from bsplan.backends.host import HostLimit, UsageMeter\n"
+            "meter = UsageMeter(HostLimit('RLIMIT_AS', 0))\n"
+            "block = bytearray(64 * 2**20); del block\n"
+            "print(meter(), meter.peak())")
+    now, peak = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert now < 16 * 2**20 <= 64 * 2**20 <= peak

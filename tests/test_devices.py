@@ -79,7 +79,7 @@ def _probe_on_fake_cuda(monkeypatch: pytest.MonkeyPatch, model: str, total: int,
     cuda = FakeCuda(total)
     device = CudaDevice(0, options.memory_limit, cuda)
     device.torch_device = torch.device("cpu")  # tensors live on the CPU; the counters are CUDA's
-    monkeypatch.setattr(sources, "open_device", lambda spec, limit: device)
+    monkeypatch.setattr(sources, "open_device", lambda spec, limit, count=True: device)
     progress = SimpleNamespace(started=lambda batch: None, finished=lambda trial: None, note=lambda text: None)
     with cuda.counter:
         return run_probe(model, options, progress), cuda
@@ -145,3 +145,22 @@ def test_without_a_memory_limit_the_cpu_keeps_a_reserve_of_the_available_memory(
     assert (cpu.info.limit_source, cpu.info.exact) == ("MemAvailable", True)
     assert any("less 2.6 GiB kept for the OS" in note for note in cpu.notes)
     assert devices.CpuDevice(2**30).info.total_bytes == 2**30  # a --memory-limit is taken as given
+
+
+def test_the_template_starts_before_torch_only_where_trials_will_run_in_other_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsplan.backends.host import HostLimit
+    from bsplan.measure import template
+    from bsplan.measure.options import ProbeOptions
+
+    started: list[bool] = []
+    monkeypatch.setattr(template.forkserver, "ensure_running", lambda: started.append(True))
+    monkeypatch.setattr(template, "host_limits", lambda: [HostLimit("MemAvailable", 2**34), HostLimit("RLIMIT_DATA", 2**28)])
+    for options, expected in [
+        (ProbeOptions(device="cpu"), True),  # the rlimit sets the edge: a fresh process per trial
+        (ProbeOptions(device="cpu", memory_limit=2**27), False),  # --memory-limit bites first: one process
+        (ProbeOptions(device="cuda:0"), False),
+        (ProbeOptions(device="cpu", memory_limit=2**27, strategy="ddp", nproc=2), True),  # ranks
+    ]:
+        started.clear()
+        template.start_early(options)
+        assert started == ([True] if expected else []), options

@@ -20,7 +20,7 @@ GIB = 2**30
 def _trial(device: CpuDevice | FakeDevice, model_file: Path, batch: int, precision: str, mode: str) -> Trial:
     workload = load_workload(model_file)
     with device.tracking():
-        model = workload.build_model()
+        model = device.place(workload.build_model())
         model.train(mode == "train")
         runner = TrialRunner(workload, model, device, steps=2, precision=precision, mode=mode)
         trial = runner(batch)
@@ -35,6 +35,7 @@ def _trial(device: CpuDevice | FakeDevice, model_file: Path, batch: int, precisi
     (MODELS / "tiny.py", 64, "bf16", "train"),  # autocast
     (MODELS / "tiny.py", 64, "fp32", "infer"),  # inference_mode
     (MODELS / "dict_loss.py", 24, "fp32", "train"),  # a dict batch and an output with .loss
+    (EXAMPLES / "transformer.py", 6, "fp32", "train"),  # nn.TransformerEncoder deep-copies its fake layer
 ])
 def test_a_traced_step_counts_the_bytes_a_real_one_counts(model_file: Path, batch: int, precision: str, mode: str) -> None:
     real = _trial(CpuDevice(8 * GIB), model_file, batch, precision, mode)
@@ -47,16 +48,12 @@ def test_a_traced_step_counts_the_bytes_a_real_one_counts(model_file: Path, batc
 @pytest.mark.parametrize(("example", "probed"), [("cnn.py", 114), ("mlp.py", 27039), ("transformer.py", 18)])
 def test_a_traced_estimate_finds_the_probes_max_batch(workdir: Path, example: str, probed: int) -> None:
     """`bsplan probe EXAMPLE --device cpu --memory-limit 300MiB` finds `probed` (docs/probe.md; tests
-    that check it against fresh processes: test_exact.py). The transformer cannot be traced yet
-    (torch's fast path of nn.TransformerEncoderLayer mixes fake modes): it falls back to real steps, saying so."""
+    that check it against fresh processes: test_exact.py)."""
     run = bsplan("estimate", str(EXAMPLES / example), "--memory", "300MiB", "--json", cwd=workdir)
     assert run.code == 0, run.stderr
     data = run.json()
     assert data["max_batch"] == probed
-    if example == "transformer.py":
-        assert data["method"] == "run" and any("could not be traced" in note for note in data["notes"])
-    else:
-        assert data["method"] == "trace" and all(trial["samples_per_second"] is None for trial in data["trials"])
+    assert data["method"] == "trace" and all(trial["samples_per_second"] is None for trial in data["trials"])
 
 
 def test_a_step_that_cannot_be_traced_is_run_for_real_and_says_so(workdir: Path) -> None:

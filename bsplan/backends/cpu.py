@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
-from bsplan.backends.host import UsageMeter, host_limits, trim_heap
+from bsplan.backends.host import UsageMeter, host_limits, outside_limit, trim_heap
 from bsplan.planning.errors import BadInput
 from bsplan.planning.results import DeviceInfo
 from bsplan.planning.units import format_bytes
@@ -131,9 +131,15 @@ class CpuDevice:
     """The CPU with every tensor byte counted against a limit (TensorBytesLimit): the
     `--memory-limit` if given, else the memory the OS says is available. A lower limit from outside
     the process (rlimit, cgroup) bites first and is recognised as out-of-memory, but its edge is
-    a band, so the result says it is not exact."""
+    a band, so the result says it is not exact.
 
-    def __init__(self, memory_limit: int | None) -> None:
+    With `count_tensors=False`, where a limit from outside the process sets the edge, nothing is
+    counted: the trial process of such a probe runs as a plain training process does, and its peaks
+    are the limit's own meter. Counting runs every operator through Python, and that alone moved the
+    edge (docs/probe.md: examples/transformer.py fitted batch 8 in 3 of 3 processes under a no-op
+    dispatch mode, in 0 of 3 without)."""
+
+    def __init__(self, memory_limit: int | None, count_tensors: bool = True) -> None:
         self.torch_device = torch.device("cpu")
         self.notes = []
         self.outside_limit: str | None = None
@@ -154,31 +160,42 @@ class CpuDevice:
         else:
             raise BadInput("cannot tell how much memory this machine has: give --memory-limit")
         exact, meter = source in ("--memory-limit", "MemAvailable"), None
-        if tightest is not None and tightest.source != "MemAvailable" and tightest.remaining_bytes <= limit:
-            exact, self.outside_limit, meter = False, tightest.source, UsageMeter(tightest)
+        binding = outside_limit(outside, memory_limit)
+        if binding is not None:
+            exact, self.outside_limit, meter = False, binding.source, UsageMeter(binding)
             self.notes.append(
-                f"a limit from outside the process applies ({tightest.source}, {format_bytes(tightest.remaining_bytes)} left): "
+                f"a limit from outside the process applies ({binding.source}, {format_bytes(binding.remaining_bytes)} left): "
                 "its edge moves between runs, so max_batch was re-checked and is a band, not an exact number"
             )
         self.info = DeviceInfo("cpu", "cpu", limit, source, exact)
         self._counter = TensorBytesLimit(limit, meter)
+        self._meter = meter if meter is not None and not count_tensors else None  # uncounted: the meter alone
+        self.counts_tensors = self._meter is None
+        if self._meter:
+            self._meter.sample()
 
     def tracking(self) -> contextlib.AbstractContextManager[None]:
-        return self._counter  # type: ignore[return-value]
+        return contextlib.nullcontext() if self._meter else self._counter  # type: ignore[return-value]
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.torch_device)
 
     def reset_peak(self) -> None:
+        """Uncounted, the peak stays the process's: a trial process is fresh, so it is the trial's."""
         self._counter.reset_peak()
 
     def peak_bytes(self) -> int:
-        return self._counter.peak_bytes
+        return self._meter.peak() if self._meter else self._counter.peak_bytes
 
     def limit_peak_bytes(self) -> int:
         """Under a limit from outside the process, the peak of what it counts since the device opened."""
+        if self._meter:
+            return self._meter.peak()
         counter = self._counter
         return counter.peak_bytes if counter.meter is None else counter.meter_peak_bytes
 
     def current_bytes(self) -> int:
-        return self._counter.current_bytes
+        return self._meter() if self._meter else self._counter.current_bytes
 
     def release(self) -> None:
         trim_heap()

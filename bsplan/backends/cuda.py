@@ -46,6 +46,7 @@ class CudaDevice:
         self.torch_device = torch.device("cuda", index)
         self.notes: list[str] = []
         self.outside_limit = None
+        self.counts_tensors = True
         properties = cuda.get_device_properties(index)
         total = int(properties.total_memory)
         source = "device"
@@ -58,6 +59,9 @@ class CudaDevice:
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:
         yield
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.torch_device)
 
     def reset_peak(self) -> None:
         self.cuda.reset_peak_memory_stats(self.index)

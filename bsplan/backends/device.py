@@ -25,8 +25,12 @@ class Device(Protocol):
     torch_device: torch.device
     notes: list[str]
     outside_limit: str | None  # the limit from outside the process that sets the edge (RLIMIT_DATA, ...), if one does
+    # current_bytes() is tensor bytes; False: what a limit from outside the process counts (the
+    # process's heap and more), which no garbage collection squares with the tensors
+    counts_tensors: bool
 
     def tracking(self) -> contextlib.AbstractContextManager[None]: ...
+    def place(self, model: torch.nn.Module) -> torch.nn.Module: ...  # the model built under tracking(), on this device
     def reset_peak(self) -> None: ...
     def peak_bytes(self) -> int: ...
     def limit_peak_bytes(self) -> int: ...  # the peak in what the limit counts: peak_bytes, or an outside limit's usage
@@ -35,15 +39,16 @@ class Device(Protocol):
     def synchronize(self) -> None: ...
 
 
-def open_device(spec: str | None, memory_limit: int | None) -> Device:
-    """`--device` to a backend: cuda[:N] or cpu; None picks cuda:0 when CUDA is available."""
+def open_device(spec: str | None, memory_limit: int | None, count_tensors: bool = True) -> Device:
+    """`--device` to a backend: cuda[:N] or cpu; None picks cuda:0 when CUDA is available.
+    `count_tensors=False`: a CPU under a limit from outside the process runs uncounted (CpuDevice)."""
     if spec is None:
         spec = "cuda:0" if cuda.available() else "cpu"
     match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", spec.strip().lower())
     if match is None:
         raise BadInput(f"unknown device {spec!r}: use cpu, cuda or cuda:N")
     if match.group(1) == "cpu":
-        return CpuDevice(memory_limit)
+        return CpuDevice(memory_limit, count_tensors)
     index = int(match.group(2) or 0)
     if not cuda.available():
         raise BadInput(f"{spec} was asked for but CUDA is not available here: use --device cpu")

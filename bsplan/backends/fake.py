@@ -10,7 +10,7 @@ import contextlib
 from typing import Iterator
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from bsplan.backends.cpu import TensorBytesLimit
 from bsplan.planning.results import DeviceInfo
@@ -21,18 +21,38 @@ class FakeDevice:
     """The CPU traced with fake tensors, every would-be byte counted against `limit_bytes`."""
 
     outside_limit = None
+    counts_tensors = True
 
     def __init__(self, limit_bytes: int, name: str) -> None:
         self.torch_device = torch.device("cpu")
         self.info = DeviceInfo(name, "cpu", limit_bytes, "traced", exact=True)
         self.notes = [f"traced with fake tensors, every tensor byte counted against {format_bytes(limit_bytes)}"]
         self._counter = TensorBytesLimit(limit_bytes)
+        self._mode = FakeTensorMode()
 
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:
         # The fake mode outside, the counter inside: the counter sees each operator's fake outputs.
-        with FakeTensorMode(), self._counter:
+        with self._mode, self._counter:
             yield
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model with every tensor in this device's fake mode. A deep copy of a fake tensor lands
+        in a fake mode of its own (torch's FakeTensor.__deepcopy__), and models deep-copy their
+        layers as they are built (nn.TransformerEncoder clones its layer N times): those tensors are
+        made again here, same shape, strides, dtype and requires_grad (ties kept), or the first
+        operator that mixes them with this mode's fails."""
+        remade: dict[int, torch.Tensor] = {}
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for name, tensor in table.items():
+                    if isinstance(tensor, FakeTensor) and tensor.fake_mode is not self._mode:
+                        if id(tensor) not in remade:
+                            fresh = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
+                            is_parameter = isinstance(tensor, torch.nn.Parameter) or table is module._parameters
+                            remade[id(tensor)] = torch.nn.Parameter(fresh, tensor.requires_grad) if is_parameter else fresh
+                        table[name] = remade[id(tensor)]
+        return model
 
     def reset_peak(self) -> None:
         self._counter.reset_peak()

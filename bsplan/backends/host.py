@@ -12,6 +12,8 @@ import ctypes
 import gc
 import os
 import resource
+import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +59,60 @@ class UsageMeter:
         weakref.finalize(self, os.close, self._fd)
         self.base = 0
         self.base = self()
+        self._address_space = limit.source == "RLIMIT_AS"
+        self._highest = 0
+        self._sampler: threading.Thread | None = None
+        # The kernel keeps the highest address space a process has had (VmPeak): what RLIMIT_AS
+        # counts, at every allocation. A forked process starts with it at its VmSize.
+        self._size, self._vm_peak = _vm_size_and_peak()
 
     def __call__(self) -> int:
         return int(os.pread(self._fd, 256, 0).split()[self._field]) * self._scale - self.base
+
+    def peak(self) -> int:
+        """The most the limit has counted since the meter was made, or since its sampling began:
+        for RLIMIT_AS every allocation (the kernel's VmPeak, once it passes where it stood when the
+        meter was made); for the rest, which the kernel keeps no peak of, the most the sampler saw."""
+        self._highest = max(self._highest, self())
+        if self._address_space:
+            _, vm_peak = _vm_size_and_peak()
+            if vm_peak > self._vm_peak:
+                self._highest = max(self._highest, vm_peak - self._size)
+        return self._highest
+
+    def sample(self) -> None:
+        """Read the meter every SAMPLE_SECONDS in a thread, for peak(): where nothing counts tensors, a
+        step's peak between its ends. The thread's stack is small, so that it holds next to nothing
+        of what the limit counts (a thread's default stack is 8 MiB of data)."""
+        if self._sampler is not None or self._address_space:
+            return
+        previous = threading.stack_size(SAMPLER_STACK_BYTES)
+        try:
+            self._sampler = threading.Thread(target=self._sample, name="bsplan-meter", daemon=True)
+            self._sampler.start()
+        finally:
+            threading.stack_size(previous)
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                value = self()
+            except OSError:  # the file closed as the interpreter exits
+                return
+            if value > self._highest:
+                self._highest = value
+            time.sleep(SAMPLE_SECONDS)
+
+
+# The sampler's period: most tensor operators of a step that grow the heap take longer than this.
+SAMPLE_SECONDS = 0.0005
+SAMPLER_STACK_BYTES = 256 * 1024
+
+
+def _vm_size_and_peak() -> tuple[int, int]:
+    """This process's address space now and at its highest (VmSize, VmPeak), in bytes."""
+    status = _read_counters(Path("/proc/self/status"))
+    return status.get("VmSize", 0), status.get("VmPeak", 0)
 
 
 def host_limits() -> list[HostLimit]:
@@ -77,6 +130,16 @@ def host_limits() -> list[HostLimit]:
     if cgroup is not None:
         limits.append(cgroup)
     return limits
+
+
+def outside_limit(limits: list[HostLimit], memory_limit: int | None) -> HostLimit | None:
+    """The limit from outside the process that sets a probe's edge, if one does: the tightest of
+    `limits`, where it bites before the --memory-limit and is not the memory available (MemAvailable
+    is no edge to aim at: backends/cpu.py keeps a reserve below it)."""
+    tightest = min(limits, key=lambda limit: limit.remaining_bytes, default=None)
+    if tightest is None or tightest.source == "MemAvailable":
+        return None
+    return tightest if memory_limit is None or tightest.remaining_bytes <= memory_limit else None
 
 
 def trim_heap() -> None:

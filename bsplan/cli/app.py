@@ -105,8 +105,8 @@ def probe(
     from bsplan.cli.render import ProbeProgress, show_probe
 
     try:
+        from bsplan.measure import template
         from bsplan.measure.options import ProbeOptions
-        from bsplan.measure.probe import run_probe
 
         options = ProbeOptions.from_cli(
             device=device, memory_limit=memory_limit, precision=precision, mode=mode, steps=steps,
@@ -114,6 +114,9 @@ def probe(
             nproc=nproc, strategy=strategy or (Strategy.ddp if nproc > 1 else Strategy.none),
             bucket_view=bucket_view, timeout=timeout,
         )
+        template.start_early(options)  # its import of torch runs beside this process's
+        from bsplan.measure.probe import run_probe
+
         with contextlib.redirect_stdout(sys.stderr):  # the model file's prints: stdout is the result's
             result = run_probe(model_file, options, ProbeProgress(stderr))
     except BsplanError as error:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 
 from bsplan.backends.device import Device
 from bsplan.backends.host import ADDRESS_SPACE_LIMITS, CGROUP_LIMITS
+from bsplan.measure.oom import first_line
 from bsplan.measure.options import ProbeOptions, Progress
 from bsplan.measure.search import SearchOutcome, find_max_batch
 from bsplan.measure.sources import LocalTrials, Static, TrialSource
@@ -36,11 +37,14 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress, backe
     what was measured so far (interrupted)."""
     workload = load_workload(model_file)
     source: TrialSource
+    aim = None
     if options.strategy == "none":
         local = LocalTrials(workload, options, backend=backend)
         why = why_restart(local.device_backend.outside_limit)
         if why:
             options = replace(options, steps=max(options.steps, BAND_STEPS))
+        elif backend is None and options.search == "predict":
+            aim = traced_answer(model_file, options, local.device.total_bytes, progress)
         source = World(model_file, options, why) if why else local
     else:
         source = World(model_file, options)
@@ -59,7 +63,7 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress, backe
         interrupted = False
         try:
             with _latched_interrupts() as interrupts:
-                outcome = _search(run, options, source.device, source.trials)
+                outcome = _search(run, options, source.device, source.trials, aim)
         except KeyboardInterrupt:
             interrupted = True
             progress.note("interrupted: reporting the trials measured so far")
@@ -103,13 +107,45 @@ def why_restart(outside_limit: str | None) -> str | None:
     return None
 
 
-def _search(run: Callable[[int], Trial], options: ProbeOptions, device: DeviceInfo, trials: list[Trial]) -> SearchOutcome:
-    """The search; under a limit from outside the process it settles within the band's width, the
-    largest fit is checked again, and the search goes on below it, from the trials it has, while
-    the re-check fails (the edge is a band)."""
+def traced_answer(model_file: Path, options: ProbeOptions, limit_bytes: int, progress: Progress) -> int | None:
+    """The largest batch the probe's search finds on the step traced with fake tensors under the same
+    limit (backends/fake.py): on the counted CPU the real answer to the byte, on a GPU a first guess
+    (the trace knows no cuDNN workspaces or fragmentation). None where the step cannot be traced."""
+    from bsplan.backends.fake import FakeDevice
+
+    device = FakeDevice(limit_bytes, "traced")
+    try:
+        traced = run_probe(model_file, replace(options, device="cpu", memory_limit=limit_bytes), _Quiet(), backend=device)
+    except Exception as error:  # noqa: BLE001 - an operator with no fake implementation: the real search alone
+        progress.note(f"the step could not be traced ({first_line(error)}): the search starts from batch {options.min_batch}")
+        return None
+    if traced.interrupted:  # Ctrl-C while tracing: nothing real was measured
+        raise KeyboardInterrupt
+    if traced.max_batch is not None:
+        progress.note(f"traced with fake tensors first: batch {traced.max_batch} predicted, checked with real trials")
+    return traced.max_batch
+
+
+class _Quiet:
+    """The traced search's progress: only its answer is shown."""
+
+    def started(self, batch: int) -> None: ...
+    def finished(self, trial: Trial) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+def _search(run: Callable[[int], Trial], options: ProbeOptions, device: DeviceInfo, trials: list[Trial],
+            aim: int | None = None) -> SearchOutcome:
+    """The search, from the traced answer where there is one (that batch, and the next above it,
+    settle an exact limit in two trials, and one at half of it draws the memory line that the
+    recommended batch and `bsplan plan` read); under a limit from outside the process it settles within
+    the band's width, the largest fit is checked again, and the search goes on below it, from the
+    trials it has, while the re-check fails (the edge is a band)."""
     limit = device.total_bytes if options.search == "predict" else None
     tolerance = 0.0 if device.exact else BAND_TOLERANCE
-    outcome = find_max_batch(run, options.min_batch, options.max_batch, options.multiple_of, limit, tolerance)
+    if aim is not None and run(aim).fits and aim + options.multiple_of <= options.max_batch:
+        run(aim + options.multiple_of)
+    outcome = find_max_batch(run, options.min_batch, options.max_batch, options.multiple_of, limit, tolerance, trials)
     while not device.exact and outcome.max_fit is not None and not run(outcome.max_fit).fits:
         failed = outcome.max_fit
         below = failed - options.multiple_of
@@ -118,6 +154,10 @@ def _search(run: Callable[[int], Trial], options: ProbeOptions, device: DeviceIn
         known = [trial for trial in trials if trial.batch < failed]
         outcome = find_max_batch(run, options.min_batch, below, options.multiple_of, limit, tolerance, known)
         outcome = SearchOutcome(outcome.max_fit, min(outcome.first_fail or failed, failed), capped=False)
+    if aim is not None and outcome.max_fit is not None and sum(trial.point is not None for trial in trials) < 2:
+        half = -(-outcome.max_fit // (2 * options.multiple_of)) * options.multiple_of
+        if options.min_batch <= half < outcome.max_fit:
+            run(half)
     return outcome
 
 

@@ -57,7 +57,9 @@ def rank_main(
                                     timeout=timedelta(seconds=options.timeout))
         workload = load_workload(model_file)
         wrapper = None if options.strategy == "none" else lambda model, device: wrap(model, device, workload, options)
-        with LocalTrials(workload, options, f"cuda:{rank}" if on_gpu else "cpu", wrapper) as trials:
+        # The one trial process of a probe under a limit from outside it runs as plain training does.
+        count = options.strategy != "none"
+        with LocalTrials(workload, options, f"cuda:{rank}" if on_gpu else "cpu", wrapper, count_tensors=count) as trials:
             connection.send(("ready", (trials.device, trials.notes, trials.static())))
             while True:
                 batch, trials.runner.fitted_elsewhere = connection.recv()

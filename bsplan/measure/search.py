@@ -92,6 +92,10 @@ def find_max_batch(
     kinds: list[str] = []  # how each candidate after the first was chosen
     widths: list[int] = []  # the bracket's width after each trial (the cap standing in for a failure)
     unit, aim = low, limit_bytes
+    if bracket.fit == top:
+        return SearchOutcome(top * multiple_of, None, capped=True)
+    if bracket.fit is not None and bracket.fail is not None and bracket.fail - bracket.fit <= _band(bracket.fail, tolerance):
+        return SearchOutcome(bracket.fit * multiple_of, bracket.fail * multiple_of, capped=False)  # known settles it
     if bracket.fit is not None:  # go on from what is known
         unit, kind = _next_unit(bracket, bracket.fit, top, aim, multiple_of, tolerance, kinds, widths)
     while True:

@@ -65,15 +65,16 @@ class TrialSource(Protocol):
 
 
 class LocalTrials:
-    """Trials in this process: the model built once on the device, every tensor counted on the CPU.
+    """Trials in this process: the model built once on the device, every tensor counted on the CPU
+    (but in the fresh trial process of a probe under a limit from outside it: `count_tensors`).
     `wrap` applies a data-parallel strategy (measure/world.py) after the model is built."""
 
     def __init__(self, workload: Workload, options: ProbeOptions, device_spec: str | None = None,
                  wrap: Callable[[torch.nn.Module, torch.device], torch.nn.Module] | None = None,
-                 backend: Device | None = None) -> None:
+                 backend: Device | None = None, count_tensors: bool = True) -> None:
         self.workload, self.options, self.wrap = workload, options, wrap
         spec = options.device if device_spec is None else device_spec
-        self.device_backend = open_device(spec, options.memory_limit) if backend is None else backend
+        self.device_backend = open_device(spec, options.memory_limit, count_tensors) if backend is None else backend
         self.device = self.device_backend.info
         self.notes = list(self.device_backend.notes)
         self.trials: list[Trial] = []
@@ -83,7 +84,7 @@ class LocalTrials:
         self._tracking = backend.tracking()
         self._tracking.__enter__()
         try:
-            model = _on(self.workload.build_model(), backend.torch_device)
+            model = backend.place(self.workload.build_model())
             model.train(options.mode == "train")
             self._plain = model
             before = backend.current_bytes()
@@ -114,12 +115,6 @@ class LocalTrials:
         if self.options.bucket_view:  # the gradients live in DDP's buckets: no second copy
             static = replace(static, bucket_bytes=max(0, static.bucket_bytes - static.gradient_bytes))
         return static
-
-
-def _on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The model moved to the device, where it is not there yet (a fake model cannot be moved)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return model if all(tensor.device == device for tensor in tensors) else model.to(device)
 
 
 def measure_static(

@@ -39,7 +39,7 @@ def trace(model_file: Path, options: EstimateOptions, budget_bytes: int, progres
     breakdown = replace(result.breakdown, activation_bytes_per_sample=line.per_sample_bytes)
     notes = (f"traced with fake tensors: the probe's search found max_batch {result.max_batch} under the counted budget "
              f"of {budget_bytes} bytes",)
-    return Measurement(result.model, breakdown, line, trials, notes), result
+    return Measurement(result.model, breakdown, line, trials, notes, traced=True), result
 
 
 def _untimed(trial: Trial) -> Trial:

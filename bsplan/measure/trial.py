@@ -46,7 +46,8 @@ class TrialRunner:
         self._state_added = 0  # device bytes this trial added as optimizer state, which is kept
 
     def __call__(self, batch: int) -> Trial:
-        if not self.trials and self.device.current_bytes() != storage_bytes([*self.model.parameters(), *self.model.buffers()]):
+        counted = self.device.counts_tensors
+        if counted and not self.trials and self.device.current_bytes() != storage_bytes([*self.model.parameters(), *self.model.buffers()]):
             gc.collect()  # building the model left something more behind (a wrapper's buckets, or garbage)
         self._state_added = 0
         # The parameters that have optimizer state now; None while there is no optimizer yet.
@@ -65,7 +66,7 @@ class TrialRunner:
             self._forget_new_state(kept)
         finally:
             self._release(before + self._state_added)
-        if not trial.fits:
+        if counted and not trial.fits:
             self.leaked_bytes = max(self.leaked_bytes, self.device.current_bytes() - before - self._state_added)
         self.trials.append(trial)
         return trial
@@ -166,7 +167,7 @@ class TrialRunner:
         for parameter in self.model.parameters():
             parameter.grad = None
         torch.clear_autocast_cache()
-        if self.device.current_bytes() != resting:
+        if self.device.counts_tensors and self.device.current_bytes() != resting:
             gc.collect()
         self.device.release()
 

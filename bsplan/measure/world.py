@@ -19,20 +19,19 @@ with a clear error instead of hanging.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import socket
 import time
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
-from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
 from bsplan.backends import cuda
 from bsplan.backends.host import oom_kills
 from bsplan.measure.options import ProbeOptions
+from bsplan.measure import template
 from bsplan.measure.rank import rank_main
 from bsplan.measure.sources import Static
 from bsplan.planning.errors import BadInput, BsplanError, NoFit, UserCodeError
@@ -101,7 +100,7 @@ class World:
 
     def _start(self) -> None:
         """Start every rank and wait until each has built and wrapped its model."""
-        context = _context()
+        context = template.context()
         port = _free_port()
         place = (dict(os.environ), os.getcwd())  # the template's are those of when it started
         for rank in range(self.options.nproc):
@@ -204,13 +203,3 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _context() -> BaseContext:
-    """Processes forked from a template that imported measure/rank.py (torch with it), and the main
-    module, so that a child does not import it again; spawned where the platform cannot fork."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "bsplan.measure.rank"])
-    return context

@@ -132,6 +132,7 @@ class Measurement:
     trials: tuple[Trial, ...]
     notes: tuple[str, ...]
     own_units: bool = False  # the model file shards itself (shard_model): its FSDP units are not bsplan's
+    traced: bool = False  # the steps were traced with fake tensors (measure/trace.py), not run
 
 
 def predict_for(measurement: Measurement, options: EstimateOptions) -> EstimateResult:
@@ -144,7 +145,8 @@ def predict_for(measurement: Measurement, options: EstimateOptions) -> EstimateR
     prediction = predict(line, device.total_bytes, overheads, options.headroom, options.max_batch)
     notes = list(measurement.notes)
     largest = max(t.batch for t in measurement.trials if t.fits)
-    notes.append(f"predicted from CPU training steps at batches up to {largest}: {format_bytes(measured.base_bytes)} "
+    steps = "traced training steps" if measurement.traced else "CPU training steps"
+    notes.append(f"predicted from {steps} at batches up to {largest}: {format_bytes(measured.base_bytes)} "
                  f"+ {format_bytes(measured.per_sample_bytes)} per sample")
     if layout != SINGLE:
         notes.append(f"under {layout.describe()} the fixed part is {format_bytes(line.base_bytes)} per device (docs/strategies.md)")
