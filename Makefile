@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # for torch>=2.3, so a GPU machine keeps its own CUDA build (override with TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test
+.PHONY: install demo test gpu-check
 
 $(BIN)/bsplan: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,3 +23,8 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Where a CUDA device is present (install with TORCH_SPEC=torch for a CUDA build): the CUDA tests, and
+# each example probed on the GPU beside its trace, as a table for docs/validation.md.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py

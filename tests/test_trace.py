@@ -76,3 +76,43 @@ def test_a_traced_estimate_for_a_gpu_searches_up_to_its_memory(workdir: Path) ->
     assert largest == data["max_batch"] and any(not trial["fits"] and trial["batch"] == largest + 1 for trial in data["trials"])
     budget = data["device"]["total_bytes"] - data["overheads"]["total_bytes"]
     assert max(trial["peak_bytes"] for trial in data["trials"] if trial["fits"]) <= budget < 80 * GIB
+
+
+def test_the_tensors_at_the_traced_peak_are_told_apart_and_add_up_to_it() -> None:
+    from bsplan.measure.attribution import compose_peak
+    from bsplan.measure.options import ProbeOptions
+
+    batch = 64
+    train = compose_peak(MODELS / "tiny.py", ProbeOptions(device="cpu"), batch, GIB)
+    real = _trial(CpuDevice(8 * GIB), MODELS / "tiny.py", batch, "fp32", "train")
+    parameters = 4 * (64 * 256 + 256 + 256 * 8 + 8)
+    assert train.peak_bytes == real.peak_bytes == sum((train.parameter_bytes, train.gradient_bytes, train.optimizer_state_bytes,
+                                                       train.activation_bytes, train.temporary_bytes))
+    # AdamW: exp_avg and exp_avg_sq the size of each parameter, and a 4-byte step count for each of the 4.
+    assert train.parameter_bytes == train.gradient_bytes == parameters and train.optimizer_state_bytes == 2 * parameters + 4 * 4
+    # Its peak is in the optimizer step, where of the activations only the batch is live: the first Linear saved it.
+    assert [(m.name, m.activation_bytes) for m in train.top_modules] == [("0", 4 * batch * 64)] == [("0", train.activation_bytes)]
+    infer = compose_peak(MODELS / "tiny.py", ProbeOptions(device="cpu", mode="infer"), batch, GIB)
+    assert (infer.activation_bytes, infer.gradient_bytes, infer.optimizer_state_bytes, infer.top_modules) == (0, 0, 0, ())
+    assert infer.parameter_bytes == parameters
+
+
+def test_a_traced_estimate_shows_the_peak_by_kind_and_module(workdir: Path) -> None:
+    run = bsplan("estimate", str(EXAMPLES / "transformer.py"), "--memory", "300MiB", "--json", cwd=workdir)
+    data = run.json()
+    peak = data["at_peak"]
+    assert peak["batch"] == data["max_batch"] and peak["peak_bytes"] == max(t["peak_bytes"] for t in data["trials"] if t["fits"])
+    names = [module["name"] for module in peak["top_modules"]]
+    assert len(names) == 10 and "blocks.layers.0.self_attn" in names and "<outside any module>" in names
+    table = bsplan("estimate", str(EXAMPLES / "transformer.py"), "--memory", "300MiB", cwd=workdir)
+    assert "activations saved for backward" in table.stdout and "saved by blocks.layers.0.self_attn" in table.stdout
+
+
+def test_at_the_peak_of_a_wide_model_the_saved_activations_are_named_by_module() -> None:
+    from bsplan.measure.attribution import compose_peak
+    from bsplan.measure.options import ProbeOptions
+
+    peak = compose_peak(EXAMPLES / "cnn.py", ProbeOptions(device="cpu"), 32, GIB)
+    sizes = [module.activation_bytes for module in peak.top_modules]
+    assert len(sizes) == 10 and sizes == sorted(sizes, reverse=True) and sum(sizes) <= peak.activation_bytes
+    assert peak.activation_bytes > peak.parameter_bytes + peak.optimizer_state_bytes  # a CNN's peak is its activations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
@@ -20,6 +20,14 @@ from bsplan.backends.host import UsageMeter, host_limits, outside_limit, trim_he
 from bsplan.planning.errors import BadInput
 from bsplan.planning.results import DeviceInfo
 from bsplan.planning.units import format_bytes
+
+
+class StorageObserver(Protocol):
+    """What sees the counting from inside (measure/attribution.py): each storage as it is first
+    counted, and the live storages (id -> (weakref, bytes)) each time the peak rises."""
+
+    def counted(self, key: int) -> None: ...
+    def peaked(self, live: dict[int, tuple[Any, int]]) -> None: ...
 
 
 class TensorBytesLimit(TorchDispatchMode):
@@ -39,6 +47,7 @@ class TensorBytesLimit(TorchDispatchMode):
         self.peak_bytes = 0
         self.meter = meter
         self.meter_peak_bytes = 0
+        self.observer: StorageObserver | None = None
         self._live: dict[int, tuple[weakref.ref[Any], int]] = {}
 
     @classmethod
@@ -74,7 +83,7 @@ class TensorBytesLimit(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-                for storage in _storages(tensor):
+                for storage in tensor_storages(tensor):
                     self._count(storage)
         self._read_meter()
         return out
@@ -90,6 +99,8 @@ class TensorBytesLimit(TorchDispatchMode):
         if grown == 0:
             return
         self._live[key] = (known[0] if known else weakref.ref(storage, lambda _, key=key: self._forget(key)), size)
+        if known is None and self.observer is not None:
+            self.observer.counted(key)
         self.current_bytes += grown
         if self.current_bytes > self.limit_bytes:
             # Worded as PyTorch's CPU allocator words it, so that code which recognises a real CPU
@@ -98,7 +109,10 @@ class TensorBytesLimit(TorchDispatchMode):
                 f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {grown} bytes "
                 f"(bsplan's limit: {format_bytes(self.current_bytes - grown)} of {format_bytes(self.limit_bytes)} already in use)"
             )
-        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.current_bytes
+            if self.observer is not None:
+                self.observer.peaked(self._live)
 
     def _forget(self, key: int) -> None:
         entry = self._live.pop(key, None)
@@ -106,12 +120,12 @@ class TensorBytesLimit(TorchDispatchMode):
             self.current_bytes -= entry[1]
 
 
-def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
+def tensor_storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
     """The storages that hold a tensor's bytes: a wrapper subclass's (FSDP's DTensor) are its inner
     tensors' (a DTensor's own storage reports the global size, not this rank's shard)."""
     if is_traceable_wrapper_subclass(tensor):
         inner = (getattr(tensor, name) for name in tensor.__tensor_flatten__()[0])
-        return [storage for part in inner if isinstance(part, torch.Tensor) for storage in _storages(part)]
+        return [storage for part in inner if isinstance(part, torch.Tensor) for storage in tensor_storages(part)]
     return [tensor.untyped_storage()]
 
 

@@ -27,13 +27,13 @@ class FakeDevice:
         self.torch_device = torch.device("cpu")
         self.info = DeviceInfo(name, "cpu", limit_bytes, "traced", exact=True)
         self.notes = [f"traced with fake tensors, every tensor byte counted against {format_bytes(limit_bytes)}"]
-        self._counter = TensorBytesLimit(limit_bytes)
+        self.counter = TensorBytesLimit(limit_bytes)
         self._mode = FakeTensorMode()
 
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:
         # The fake mode outside, the counter inside: the counter sees each operator's fake outputs.
-        with self._mode, self._counter:
+        with self._mode, self.counter:
             yield
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -55,16 +55,16 @@ class FakeDevice:
         return model
 
     def reset_peak(self) -> None:
-        self._counter.reset_peak()
+        self.counter.reset_peak()
 
     def peak_bytes(self) -> int:
-        return self._counter.peak_bytes
+        return self.counter.peak_bytes
 
     def limit_peak_bytes(self) -> int:
-        return self._counter.peak_bytes
+        return self.counter.peak_bytes
 
     def current_bytes(self) -> int:
-        return self._counter.current_bytes
+        return self.counter.current_bytes
 
     def release(self) -> None:
         """Nothing was allocated."""

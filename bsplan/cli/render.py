@@ -208,7 +208,7 @@ def _warmup_text(plan: Plan) -> str:
 
 if TYPE_CHECKING:
     from bsplan.backends.nvml import Gpu, GpuReport
-    from bsplan.planning.results import EstimateResult, StatesEstimate
+    from bsplan.planning.results import EstimateResult, PeakComposition, StatesEstimate
     from bsplan.planning.strategies import DeviceStates
 
 
@@ -278,9 +278,26 @@ def show_estimate(console: Console, result: EstimateResult) -> None:
     else:
         summary.add_row("CUDA overheads", "none: a --memory budget counts tensor bytes, like probe --memory-limit")
     console.print(summary)
-    console.print(_trials_table("measured on the CPU", result.trials))
+    if result.at_peak is not None:
+        console.print(_composition_table(result.at_peak))
+    console.print(_trials_table("traced" if result.method == "trace" else "measured on the CPU", result.trials))
     for note in result.notes:
         console.print(f"note: {note}", markup=False, soft_wrap=True)
+
+
+def _composition_table(peak: PeakComposition) -> Table:
+    """The tensors live at the traced peak by kind, then the modules that saved the most activations."""
+    table = Table(title=f"at the peak of batch {peak.batch}: {format_bytes(peak.peak_bytes)}", title_justify="left")
+    table.add_column("tensors")
+    table.add_column("bytes", justify="right")
+    table.add_column("share", justify="right")
+    kinds = [("parameters and buffers", peak.parameter_bytes), ("gradients", peak.gradient_bytes),
+             ("optimizer state", peak.optimizer_state_bytes), ("activations saved for backward", peak.activation_bytes),
+             ("temporaries", peak.temporary_bytes)]
+    kinds += [(f"  saved by {module.name}", module.activation_bytes) for module in peak.top_modules]
+    for name, size in kinds:
+        table.add_row(name, format_bytes(size), f"{size / max(peak.peak_bytes, 1):.0%}")
+    return table
 
 
 def _states_text(states: DeviceStates) -> str:

@@ -30,7 +30,7 @@ from bsplan.planning.choices import Method
 from bsplan.planning.errors import BadInput, NoFit
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement, predict_for
-from bsplan.planning.results import DEFAULT_MAX_BATCH, EstimateResult, ProbeResult
+from bsplan.planning.results import DEFAULT_MAX_BATCH, EstimateResult, PeakComposition, ProbeResult
 from bsplan.planning.strategies import SINGLE
 from bsplan.planning.units import format_bytes
 
@@ -51,7 +51,7 @@ def run_estimate(model_file: Path, options: EstimateOptions, progress: Progress)
     fallback: tuple[str, ...] = ()
     if options.method == Method.trace:
         try:
-            measurement, traced = trace(model_file, options, budget, progress)
+            measurement, traced, composition = trace(model_file, options, budget, progress)
         except (BadInput, NoFit):
             raise
         except Exception as error:  # noqa: BLE001 - an operator with no fake implementation, or the model's own error
@@ -59,21 +59,22 @@ def run_estimate(model_file: Path, options: EstimateOptions, progress: Progress)
             fallback = (f"the step could not be traced ({why}): measured with real steps on the CPU instead (--method run)",)
             progress.note(fallback[0])
         else:
-            return _exact(predict_for(measurement, options), traced, overheads.cublas_workspace_bytes)
+            return _exact(predict_for(measurement, options), traced, composition, overheads.cublas_workspace_bytes)
     measurement = measure(model_file, options.precision, options.mode, progress, budget)
     return predict_for(replace(measurement, notes=fallback + measurement.notes), options)
 
 
-def _exact(result: EstimateResult, traced: ProbeResult, workspace_bytes: int) -> EstimateResult:
+def _exact(result: EstimateResult, traced: ProbeResult, composition: PeakComposition | None, workspace_bytes: int) -> EstimateResult:
     """On one device the traced search's answer is exact under the counted budget, where the line
-    only predicts it; under a strategy the line, moved by the strategy's states, is the answer."""
+    only predicts it, and what the tensors at its peak are is known; under a strategy the line,
+    moved by the strategy's states, is the answer (the trace saw one unsharded device)."""
     if result.per_device is not None and result.per_device.layout != SINGLE:
         return replace(result, method=Method.trace)
     most = traced.max_batch
     peak = None if traced.peak_bytes is None else traced.peak_bytes + workspace_bytes
     recommended = None if most is None or result.recommended_batch is None else min(result.recommended_batch, most)
     return replace(result, max_batch=most, recommended_batch=recommended, peak_bytes=peak, capped_at=traced.capped_at,
-                   method=Method.trace)
+                   method=Method.trace, at_peak=composition)
 
 
 def measure(model_file: Path, precision: str, mode: str, progress: Progress, budget_bytes: float) -> Measurement:

@@ -13,18 +13,21 @@ from dataclasses import replace
 from pathlib import Path
 
 from bsplan.backends.fake import FakeDevice
+from bsplan.measure.attribution import compose_peak
 from bsplan.measure.options import ProbeOptions, Progress
 from bsplan.measure.probe import run_probe
 from bsplan.planning.choices import RunPrecision
 from bsplan.planning.errors import BadInput
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement
-from bsplan.planning.results import ProbeResult, Trial
+from bsplan.planning.results import PeakComposition, ProbeResult, Trial
 
 
-def trace(model_file: Path, options: EstimateOptions, budget_bytes: int, progress: Progress) -> tuple[Measurement, ProbeResult]:
-    """The probe's search traced against a budget: its exact answer, and the measurement (the
-    model, its breakdown, the line through the traced trials) that the prediction rests on."""
+def trace(model_file: Path, options: EstimateOptions, budget_bytes: int,
+          progress: Progress) -> tuple[Measurement, ProbeResult, PeakComposition | None]:
+    """The probe's search traced against a budget: its exact answer, the measurement (the model, its
+    breakdown, the line through the traced trials) that the prediction rests on, and what the
+    tensors at the peak of its answer are (measure/attribution.py)."""
     probe_options = ProbeOptions(
         device="cpu", memory_limit=budget_bytes, precision=RunPrecision.parse(options.precision, "--precision"),
         mode=options.mode, steps=ESTIMATE_STEPS, max_batch=options.max_batch, headroom=options.headroom,
@@ -39,7 +42,11 @@ def trace(model_file: Path, options: EstimateOptions, budget_bytes: int, progres
     breakdown = replace(result.breakdown, activation_bytes_per_sample=line.per_sample_bytes)
     notes = (f"traced with fake tensors: the probe's search found max_batch {result.max_batch} under the counted budget "
              f"of {budget_bytes} bytes",)
-    return Measurement(result.model, breakdown, line, trials, notes, traced=True), result
+    composition = None
+    if result.max_batch is not None:
+        progress.note(f"tracing batch {result.max_batch} once more to see what the tensors at its peak are")
+        composition = compose_peak(model_file, probe_options, result.max_batch, budget_bytes)
+    return Measurement(result.model, breakdown, line, trials, notes, traced=True), result, composition
 
 
 def _untimed(trial: Trial) -> Trial:

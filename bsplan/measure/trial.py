@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+from typing import Callable
 
 import torch
 
@@ -31,7 +32,8 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class TrialRunner:
     """Runs trials on one model on one device; remembers every trial and what it measured."""
 
-    def __init__(self, workload: Workload, model: torch.nn.Module, device: Device, *, steps: int, precision: str, mode: str) -> None:
+    def __init__(self, workload: Workload, model: torch.nn.Module, device: Device, *, steps: int, precision: str, mode: str,
+                 on_phase: Callable[[str], None] | None = None) -> None:
         self.workload = workload
         self.model = model
         self.device = device
@@ -42,6 +44,9 @@ class TrialRunner:
         self.optimizer_state_bytes: int | None = None  # measured after the first completed optimizer step
         self.leaked_bytes = 0  # bytes a failed trial left behind (should stay 0)
         self.fitted_elsewhere: list[int] = []  # batches that fitted in earlier processes of the same probe
+        # told each phase of a step as it begins ("optimizer" as the optimizer is made and steps,
+        # "forward" with the batch, "backward"): measure/attribution.py labels the tensors so
+        self._on_phase = on_phase or (lambda phase: None)
         self._optimizer: torch.optim.Optimizer | None = None
         self._state_added = 0  # device bytes this trial added as optimizer state, which is kept
 
@@ -70,6 +75,11 @@ class TrialRunner:
             self.leaked_bytes = max(self.leaked_bytes, self.device.current_bytes() - before - self._state_added)
         self.trials.append(trial)
         return trial
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer, once the first trial has made it; it and its state live across trials."""
+        return self._optimizer
 
     def _forget_new_state(self, kept: set[int] | None) -> None:
         """After a failed trial, the optimizer state it began goes with it, since it may be half made
@@ -114,6 +124,7 @@ class TrialRunner:
             else contextlib.nullcontext()
         )
         if self.train and self._optimizer is None:
+            self._on_phase("optimizer")
             held = device.current_bytes()
             self._optimizer = self.workload.optimizer(model.parameters())
             self._state_added = device.current_bytes() - held  # Adagrad makes its state here
@@ -133,6 +144,7 @@ class TrialRunner:
             if step == self.steps - 1:
                 earlier_peak = device.peak_bytes()
                 device.reset_peak()
+            self._on_phase("forward")
             batch = self.workload.make_batch(batch_size, device.torch_device)
             if optimizer is None:
                 with torch.inference_mode(), autocast:
@@ -142,9 +154,11 @@ class TrialRunner:
             with autocast:
                 loss = self.workload.loss(model, batch)
             forward_peak = device.limit_peak_bytes()
+            self._on_phase("backward")
             (loss if scaler is None else scaler.scale(loss)).backward()
             step_peak = device.limit_peak_bytes()
             held = device.current_bytes()
+            self._on_phase("optimizer")
             if scaler is None:
                 optimizer.step()
             else:

@@ -118,6 +118,28 @@ ESTIMATE_SCHEMA = "bsplan.estimate/1"
 
 
 @dataclass(frozen=True)
+class ModuleBytes(Record):
+    name: str  # the module's qualified name in the model; <Class> for the model itself, <outside any module> for the loss
+    activation_bytes: int  # what it saved for backward, live at the peak
+
+
+@dataclass(frozen=True)
+class PeakComposition(Record):
+    """What the live tensors at a traced step's peak are (measure/attribution.py), by what made them:
+    the model's parameters and buffers, gradients, optimizer state, activations saved for backward,
+    and temporaries (the rest: the batch, outputs, the loss, a backward's intermediates)."""
+
+    batch: int
+    peak_bytes: int
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    activation_bytes: int
+    temporary_bytes: int
+    top_modules: tuple[ModuleBytes, ...]  # the modules that saved the most activation bytes, most first
+
+
+@dataclass(frozen=True)
 class EstimateResult(Record):
     """What `bsplan estimate` predicts for a device it did not run on: the probe's fields where they
     apply (max_batch, recommended_batch, peak_bytes and breakdown predicted; trials measured on the
@@ -143,6 +165,7 @@ class EstimateResult(Record):
     per_device: DeviceStates | None = None
     estimated: bool = True
     method: str = "run"  # "trace": the steps traced with fake tensors (measure/trace.py); "run": real CPU steps
+    at_peak: PeakComposition | None = None  # traced: what the tensors at the peak of max_batch are
     schema: str = ESTIMATE_SCHEMA
 
     def document(self) -> dict[str, Any]:
