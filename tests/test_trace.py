@@ -3,6 +3,7 @@ counts when the step runs for real; `bsplan estimate --memory` traced finds the 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from bsplan.measure.workload import load_workload
 from bsplan.planning.results import Trial
 
 GIB = 2**30
+NEEDS_TRANSFORMERS = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers (the hf extra)")
 
 
 def _trial(device: CpuDevice | FakeDevice, model_file: Path, batch: int, precision: str, mode: str) -> Trial:
@@ -36,6 +38,8 @@ def _trial(device: CpuDevice | FakeDevice, model_file: Path, batch: int, precisi
     (MODELS / "tiny.py", 64, "fp32", "infer"),  # inference_mode
     (MODELS / "dict_loss.py", 24, "fp32", "train"),  # a dict batch and an output with .loss
     (EXAMPLES / "transformer.py", 6, "fp32", "train"),  # nn.TransformerEncoder deep-copies its fake layer
+    pytest.param(MODELS / "llama_small.py", 4, "fp32", "train", marks=NEEDS_TRANSFORMERS),  # a Hugging Face Llama
+    pytest.param(MODELS / "llama_small.py", 4, "bf16", "train", marks=NEEDS_TRANSFORMERS),
 ])
 def test_a_traced_step_counts_the_bytes_a_real_one_counts(model_file: Path, batch: int, precision: str, mode: str) -> None:
     real = _trial(CpuDevice(8 * GIB), model_file, batch, precision, mode)
@@ -116,3 +120,26 @@ def test_at_the_peak_of_a_wide_model_the_saved_activations_are_named_by_module()
     sizes = [module.activation_bytes for module in peak.top_modules]
     assert len(sizes) == 10 and sizes == sorted(sizes, reverse=True) and sum(sizes) <= peak.activation_bytes
     assert peak.activation_bytes > peak.parameter_bytes + peak.optimizer_state_bytes  # a CNN's peak is its activations
+
+
+@NEEDS_TRANSFORMERS
+@pytest.mark.slow
+def test_a_hugging_face_llama_is_traced_to_the_probes_answer(workdir: Path) -> None:
+    estimate = bsplan("estimate", str(MODELS / "llama_small.py"), "--memory", "64MiB", "--json", cwd=workdir).json()
+    probe = bsplan("probe", str(MODELS / "llama_small.py"), "--device", "cpu", "--memory-limit", "64MiB", "--json", cwd=workdir).json()
+    assert estimate["method"] == "trace" and estimate["max_batch"] == probe["max_batch"] > 8
+
+
+def test_where_no_batch_fits_one_device_the_estimate_says_how_many_would_hold_it(workdir: Path) -> None:
+    """The model states of examples/mlp.py (13 MiB with AdamW) fill no 8 MiB device whole: the line is
+    traced without a budget, and the fewest devices of each sharding strategy that hold batch 1 are
+    named, the same the estimates under those strategies find."""
+    run = bsplan("estimate", str(EXAMPLES / "mlp.py"), "--memory", "8MiB", "--json", cwd=workdir)
+    assert run.code == 3
+    data = run.json()
+    advice = next(note for note in data["notes"] if note.startswith("no batch fits"))
+    assert data["max_batch"] is None and "fsdp on 8 devices" in advice and "zero2 on 4 devices" in advice
+    for strategy, gpus, fits in (("fsdp", 8, True), ("fsdp", 4, False), ("zero2", 4, True), ("zero2", 2, False)):
+        under = bsplan("estimate", str(EXAMPLES / "mlp.py"), "--memory", "8MiB", "--strategy", strategy, "--gpus", str(gpus),
+                       "--json", cwd=workdir).json()
+        assert (under["max_batch"] is not None) == fits, (strategy, gpus, under["max_batch"])

@@ -21,32 +21,50 @@ from bsplan.planning.errors import BadInput
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement
 from bsplan.planning.results import PeakComposition, ProbeResult, Trial
+from bsplan.planning.units import format_bytes
 
 
 def trace(model_file: Path, options: EstimateOptions, budget_bytes: int,
           progress: Progress) -> tuple[Measurement, ProbeResult, PeakComposition | None]:
     """The probe's search traced against a budget: its exact answer, the measurement (the model, its
     breakdown, the line through the traced trials) that the prediction rests on, and what the
-    tensors at the peak of its answer are (measure/attribution.py)."""
+    tensors at the peak of its answer are (measure/attribution.py). Where fewer than two batches fit
+    the budget (the model states of one whole replica alone fill it, as a large model's do on one
+    GPU) the line is traced without a budget at batches 1 and LINE_BATCH: what a strategy's states
+    per device, and how many devices would hold them, are computed from (planning/prediction.py)."""
     probe_options = ProbeOptions(
         device="cpu", memory_limit=budget_bytes, precision=RunPrecision.parse(options.precision, "--precision"),
         mode=options.mode, steps=ESTIMATE_STEPS, max_batch=options.max_batch, headroom=options.headroom,
     )
-    device = FakeDevice(budget_bytes, f"{model_file} traced")
-    result = run_probe(model_file, probe_options, _Untimed(progress), backend=device)
+    result = run_probe(model_file, probe_options, _Untimed(progress), backend=FakeDevice(budget_bytes, f"{model_file} traced"))
     trials = tuple(_untimed(trial) for trial in result.trials)
-    line = fit_top([trial.point for trial in trials if trial.point is not None])
-    if line is None:
-        raise BadInput(f"{model_file} traced {sum(t.fits for t in trials)} fitting batch(es) within the budget, and a "
-                       "per-sample slope needs two: the model states alone nearly fill it")
-    breakdown = replace(result.breakdown, activation_bytes_per_sample=line.per_sample_bytes)
     notes = (f"traced with fake tensors: the probe's search found max_batch {result.max_batch} under the counted budget "
              f"of {budget_bytes} bytes",)
+    line = fit_top([trial.point for trial in trials if trial.point is not None])
+    breakdown = result.breakdown
+    if line is None:
+        progress.note(f"fewer than two batches fit whole in {format_bytes(budget_bytes)}: tracing batches 1 and {LINE_BATCH} "
+                      "without a budget for the line of peak over batch")
+        unbounded = replace(probe_options, memory_limit=UNBOUNDED, max_batch=LINE_BATCH)
+        free = run_probe(model_file, unbounded, _Untimed(progress), backend=FakeDevice(UNBOUNDED, f"{model_file} traced"))
+        line_trials = tuple(_untimed(trial) for trial in free.trials)
+        line = fit_top([trial.point for trial in line_trials if trial.point is not None])
+        if line is None:
+            raise BadInput(f"{model_file} traced no line of peak over batch: batches 1 and {LINE_BATCH} did not both fit")
+        trials, breakdown = trials + line_trials, free.breakdown
+        notes += (f"batches 1 and {LINE_BATCH} traced without a budget: the line of peak over batch",)
+    breakdown = replace(breakdown, activation_bytes_per_sample=line.per_sample_bytes)
     composition = None
     if result.max_batch is not None:
         progress.note(f"tracing batch {result.max_batch} once more to see what the tensors at its peak are")
         composition = compose_peak(model_file, probe_options, result.max_batch, budget_bytes)
     return Measurement(result.model, breakdown, line, trials, notes, traced=True), result, composition
+
+
+# Where the budget holds fewer than two batches, the line is traced at batch 1 and this one, with no
+# budget (fake tensors take no memory): far enough apart for the slope, a trace's cost is the same.
+LINE_BATCH = 8
+UNBOUNDED = 1 << 62
 
 
 def _untimed(trial: Trial) -> Trial:

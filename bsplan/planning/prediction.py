@@ -151,11 +151,14 @@ def predict_for(measurement: Measurement, options: EstimateOptions) -> EstimateR
     if layout != SINGLE:
         notes.append(f"under {layout.describe()} the fixed part is {format_bytes(line.base_bytes)} per device (docs/strategies.md)")
     notes.extend(_strategy_notes(layout))
+    if layout != SINGLE and measurement.traced:
+        notes.append(f"{layout.strategy} is arithmetic on the traced states of one whole replica (docs/strategies.md): its "
+                     "collectives, their buffers and its own allocations were not traced")
     if measurement.own_units and layout.strategy in SHARDED_PARAMETERS:
         notes.append("the model file's shard_model(model) chooses its own FSDP units: the gathered units are counted as "
                      "bsplan wraps them by default (each module that holds parameters directly)")
     if prediction.max_batch is None:
-        notes.append(f"{_no_fit(line, overheads, device)}. Try --precision bf16 or sharding the model state (FSDP / ZeRO).")
+        notes.append(f"{_no_fit(line, overheads, device)}; {_sharding_that_fits(measured, states, device, overheads)}")
     if device.type == "cuda":
         notes.append("measured on the CPU: CUDA kernels (cuDNN workspaces, fused attention) can peak differently, and "
                      "allocator fragmentation is not modelled; the recommended batch keeps headroom for both")
@@ -170,6 +173,25 @@ def predict_for(measurement: Measurement, options: EstimateOptions) -> EstimateR
 
 def _no_fit(line: MemoryLine, overheads: Overheads, device: DeviceInfo) -> str:
     return f"no batch fits: batch 1 needs {format_bytes(line.peak(1) + overheads.total_bytes)} of the {format_bytes(device.total_bytes)}"
+
+
+# The world sizes tried for a strategy under which batch 1 would fit per device.
+WORLD_SIZES = tuple(2**k for k in range(1, 11))
+
+
+def _sharding_that_fits(measured: MemoryLine, states: ModelStates, device: DeviceInfo, overheads: Overheads) -> str:
+    """Where batch 1 would fit: the fewest devices of each sharding strategy, from the measured line
+    moved by the strategy's states (per_device_line), as an estimate under --strategy predicts."""
+    found = []
+    for strategy in (Strategy.zero1, Strategy.zero2, Strategy.fsdp):
+        world = next((n for n in WORLD_SIZES
+                      if per_device_line(measured, states, Layout(strategy, n)).peak(1) + overheads.total_bytes <= device.total_bytes), None)
+        if world is not None:
+            found.append(f"{strategy} on {world} devices")
+    if not found:
+        return (f"not even fsdp on {WORLD_SIZES[-1]} devices would hold batch 1: try --precision bf16, activation "
+                "checkpointing or a smaller model")
+    return f"batch 1 would fit per device under {', '.join(found)} (estimate again with --strategy and --gpus)"
 
 
 def _model_states(breakdown: Breakdown) -> ModelStates:
