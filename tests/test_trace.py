@@ -35,6 +35,7 @@ def _trial(device: CpuDevice | FakeDevice, model_file: Path, batch: int, precisi
     (EXAMPLES / "cnn.py", 114, "fp32", "train"),
     (EXAMPLES / "mlp.py", 700, "fp32", "train"),  # AdamW
     (MODELS / "tiny.py", 64, "bf16", "train"),  # autocast
+    (MODELS / "tiny.py", 64, "fp16", "train"),  # autocast and a GradScaler that always steps
     (MODELS / "tiny.py", 64, "fp32", "infer"),  # inference_mode
     (MODELS / "dict_loss.py", 24, "fp32", "train"),  # a dict batch and an output with .loss
     (EXAMPLES / "transformer.py", 6, "fp32", "train"),  # nn.TransformerEncoder deep-copies its fake layer
@@ -61,9 +62,9 @@ def test_a_traced_estimate_finds_the_probes_max_batch(workdir: Path, example: st
 
 
 def test_a_step_that_cannot_be_traced_is_run_for_real_and_says_so(workdir: Path) -> None:
-    """fp16's GradScaler reads a tensor's value (whether the gradients overflowed), which a fake tensor
-    does not have: the estimate then measures real steps, with a note naming why."""
-    run = bsplan("estimate", str(MODELS / "tiny.py"), "--memory", "64MiB", "--precision", "fp16", "--json", cwd=workdir)
+    """A step that reads a tensor's value, which a fake tensor does not have: the estimate then
+    measures real steps, with a note naming why."""
+    run = bsplan("estimate", str(MODELS / "data_dependent.py"), "--memory", "64MiB", "--json", cwd=workdir)
     assert run.code == 0, run.stderr
     data = run.json()
     assert data["method"] == "run" and data["max_batch"] > 100

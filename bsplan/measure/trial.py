@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -129,12 +129,7 @@ class TrialRunner:
             self._optimizer = self.workload.optimizer(model.parameters())
             self._state_added = device.current_bytes() - held  # Adagrad makes its state here
         optimizer = self._optimizer
-        # A scale of 1 never overflows into a skipped optimizer step: the probe measures memory, and a
-        # skipped step would leave the optimizer state out of the peak.
-        scaler = (
-            torch.amp.GradScaler(device.torch_device.type, init_scale=1.0)
-            if self.train and self.precision == "fp16" else None
-        )
+        scaler = _SteppingScaler(device.torch_device.type, init_scale=1.0) if self.train and self.precision == "fp16" else None
         timed_from = 0.0
         earlier_peak = forward_peak = step_peak = 0
         for step in range(self.steps):
@@ -184,6 +179,17 @@ class TrialRunner:
         if self.device.counts_tensors and self.device.current_bytes() != resting:
             gc.collect()
         self.device.release()
+
+
+class _SteppingScaler(torch.amp.GradScaler):
+    """fp16's GradScaler, which always takes the optimizer step. The probe measures memory: a skipped
+    step (gradients that overflowed) would leave the optimizer state out of the peak, and whether
+    they overflowed is a value, which a traced step's fake tensors do not have. The scale and its
+    update still run, so every tensor a real step allocates is allocated."""
+
+    def _maybe_opt_step(self, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any], *args: Any,
+                        **kwargs: Any) -> float | None:
+        return optimizer.step(*args, **kwargs)  # type: ignore[no-any-return]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
