@@ -219,3 +219,16 @@ def test_under_a_band_a_fit_whose_peak_reaches_the_band_settles_the_search() -> 
     outcome = find_max_batch(device, 1, 2**16, 1, 300 * MIB, tolerance=0.05)
     assert outcome.first_fail is None and memory(outcome.max_fit) >= 0.95 * 300 * MIB  # no failure needed
     assert len(device.tried) == 3 and outcome.max_fit == truth(memory, 300 * MIB)
+
+
+def test_a_search_from_a_known_fit_goes_on_as_from_its_own_trials() -> None:
+    """The probe's aim (the traced answer) fitted, with the next batch above it, far below the real
+    edge (a GPU's trace misses): the search grows from there, and a failed smallest batch ends it."""
+    device = FakeDevice(lambda b: 1000 + 10 * b, limit=1000 + 10 * 1000)
+    known = [device(300), device(301)]
+    outcome = find_max_batch(device, 1, 65536, limit_bytes=1000 + 10 * 1000, known=known)
+    assert outcome.max_fit == 1000 and outcome.first_fail == 1001
+    assert device.tried == [300, 301, 2408, 1000, 1001]  # the line from the two known fits, then the edge
+    small = FakeDevice(lambda b: 1000 + 10 * b, limit=500)
+    outcome = find_max_batch(small, 1, 64, limit_bytes=500, known=[small(1)])
+    assert (outcome.max_fit, outcome.first_fail, small.tried) == (None, 1, [1])

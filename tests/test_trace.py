@@ -144,3 +144,14 @@ def test_where_no_batch_fits_one_device_the_estimate_says_how_many_would_hold_it
         under = bsplan("estimate", str(EXAMPLES / "mlp.py"), "--memory", "8MiB", "--strategy", strategy, "--gpus", str(gpus),
                        "--json", cwd=workdir).json()
         assert (under["max_batch"] is not None) == fits, (strategy, gpus, under["max_batch"])
+
+
+def test_a_gradient_that_sets_the_peak_is_counted_as_a_gradient() -> None:
+    """The allocation that raises the peak is labelled by its phase when it is counted, and becomes
+    a gradient only after: the peak keeps the label, not a copy of it."""
+    from bsplan.measure.attribution import compose_peak
+    from bsplan.measure.options import ProbeOptions
+
+    peak = compose_peak(MODELS / "wide_layer.py", ProbeOptions(device="cpu"), 1, GIB)
+    weight = 4 * 64 * 200_000
+    assert peak.gradient_bytes >= weight and peak.temporary_bytes < weight, peak

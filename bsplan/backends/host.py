@@ -73,7 +73,8 @@ class UsageMeter:
         """The most the limit has counted since the meter was made, or since its sampling began:
         for RLIMIT_AS every allocation (the kernel's VmPeak, once it passes where it stood when the
         meter was made); for the rest, which the kernel keeps no peak of, the most the sampler saw."""
-        self._highest = max(self._highest, self())
+        value = self()  # read first: the sampler may raise the highest while this read waits
+        self._highest = max(self._highest, value)
         if self._address_space:
             _, vm_peak = _vm_size_and_peak()
             if vm_peak > self._vm_peak:

@@ -34,25 +34,37 @@ OUTSIDE_MODULES = "<outside any module>"  # saved where no module's forward runs
 _MADE_IN = {"parameters": "parameters", "optimizer": "temporaries", "forward": "temporaries", "backward": "temporaries"}
 
 
+class _Label:
+    """What one storage is, changed in place as the step learns more: the peak keeps these objects,
+    so a storage that becomes a gradient or is saved for backward after the peak was set (the
+    allocation that set it, say) is told right."""
+
+    __slots__ = ("kind", "module")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.module = ""  # the module whose forward saved it for backward
+
+
 class _Labels:
     """The observer of the counting (backends/cpu.py StorageObserver) and the hooks' target."""
 
     def __init__(self, names: dict[int, str]) -> None:
         self.names = names  # id(module) -> qualified name in the model (the model itself: <its class>)
         self.phase = "parameters"  # the model is built first
-        self.labels: dict[int, str] = {}  # storage key -> what it is
-        self.saved_by: dict[int, str] = {}  # storage key -> the module that saved it for backward
+        self.labels: dict[int, _Label] = {}  # live storage key -> what it is
         self.running: list[str] = []  # the modules whose forward runs, innermost last
-        self.at_peak: dict[int, tuple[int, str, str]] = {}  # storage key -> (bytes, label, module)
+        self.at_peak: list[tuple[int, _Label]] = []  # (bytes, label) of each live storage at the peak
         self.optimizer: Callable[[], torch.optim.Optimizer | None] = lambda: None
 
     def counted(self, key: int) -> None:
-        self.labels[key] = _MADE_IN[self.phase]
-        self.saved_by.pop(key, None)
+        self.labels[key] = _Label(_MADE_IN[self.phase])
 
     def peaked(self, live: dict[int, tuple[Any, int]]) -> None:
-        self.at_peak = {key: (size, self.labels.get(key, "temporaries"), self.saved_by.get(key, ""))
-                        for key, (_, size) in live.items()}
+        self.at_peak = [(size, self._label(key)) for key, (_, size) in live.items()]
+
+    def _label(self, key: int) -> _Label:
+        return self.labels.setdefault(key, _Label("temporaries"))
 
     def enter(self, phase: str) -> None:
         optimizer = self.optimizer()
@@ -60,21 +72,20 @@ class _Labels:
             for value in (value for state in optimizer.state.values() for value in state.values()):
                 if isinstance(value, torch.Tensor):
                     for storage in tensor_storages(value):
-                        self.labels[id(storage)] = "optimizer_state"
+                        self._label(id(storage)).kind = "optimizer_state"
         self.phase = phase
 
     def saved(self, tensor: torch.Tensor) -> torch.Tensor:
         for storage in tensor_storages(tensor):
-            key = id(storage)
-            if self.labels.get(key) == "temporaries":  # not a parameter, its gradient or optimizer state
-                self.labels[key] = "activations"
-                self.saved_by.setdefault(key, self.running[-1] if self.running else OUTSIDE_MODULES)
+            label = self._label(id(storage))
+            if label.kind == "temporaries":  # not a parameter, its gradient or optimizer state
+                label.kind, label.module = "activations", self.running[-1] if self.running else OUTSIDE_MODULES
         return tensor
 
     def gradient(self, parameter: torch.Tensor) -> None:
         if parameter.grad is not None:
             for storage in tensor_storages(parameter.grad):
-                self.labels[id(storage)] = "gradients"
+                self._label(id(storage)).kind = "gradients"
 
     def forward_begins(self, module: torch.nn.Module, _inputs: Any) -> None:
         self.running.append(self.names.get(id(module), type(module).__name__))
@@ -96,7 +107,7 @@ def compose_peak(model_file: Path, options: ProbeOptions, batch: int, limit_byte
         labels = _Labels({**names, id(model): f"<{type(model).__name__}>"})
         device.counter.observer = labels
         for key in (id(storage) for tensor in [*model.parameters(), *model.buffers()] for storage in tensor_storages(tensor)):
-            labels.labels[key] = "parameters"  # built before the observer was set
+            labels.labels[key] = _Label("parameters")  # built before the observer was set
         runner = TrialRunner(workload, model, device, steps=options.steps, precision=options.precision, mode=options.mode,
                              on_phase=labels.enter)
         labels.optimizer = lambda: runner.optimizer
@@ -119,13 +130,13 @@ def _hooks(model: torch.nn.Module, labels: _Labels) -> Iterator[None]:
             handle.remove()
 
 
-def _composition(batch: int, at_peak: dict[int, tuple[int, str, str]]) -> PeakComposition:
+def _composition(batch: int, at_peak: list[tuple[int, _Label]]) -> PeakComposition:
     kinds = dict.fromkeys(("parameters", "gradients", "optimizer_state", "activations", "temporaries"), 0)
     modules: dict[str, int] = {}
-    for size, label, module in at_peak.values():
-        kinds[label] += size
-        if label == "activations":
-            modules[module] = modules.get(module, 0) + size
+    for size, label in at_peak:
+        kinds[label.kind] += size
+        if label.kind == "activations":
+            modules[label.module] = modules.get(label.module, 0) + size
     top = sorted(modules.items(), key=lambda item: (-item[1], item[0]))[:TOP_MODULES]
     return PeakComposition(
         batch=batch, peak_bytes=sum(kinds.values()), parameter_bytes=kinds["parameters"], gradient_bytes=kinds["gradients"],

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from bsplan.backends.device import Device
+from bsplan.backends.fake import FakeDevice
 from bsplan.backends.host import ADDRESS_SPACE_LIMITS, CGROUP_LIMITS
 from bsplan.measure.oom import first_line
 from bsplan.measure.options import ProbeOptions, Progress
@@ -111,8 +112,6 @@ def traced_answer(model_file: Path, options: ProbeOptions, limit_bytes: int, pro
     """The largest batch the probe's search finds on the step traced with fake tensors under the same
     limit (backends/fake.py): on the counted CPU the real answer to the byte, on a GPU a first guess
     (the trace knows no cuDNN workspaces or fragmentation). None where the step cannot be traced."""
-    from bsplan.backends.fake import FakeDevice
-
     device = FakeDevice(limit_bytes, "traced")
     try:
         traced = run_probe(model_file, replace(options, device="cpu", memory_limit=limit_bytes), _Quiet(), backend=device)

@@ -96,8 +96,12 @@ def find_max_batch(
         return SearchOutcome(top * multiple_of, None, capped=True)
     if bracket.fit is not None and bracket.fail is not None and bracket.fail - bracket.fit <= _band(bracket.fail, tolerance):
         return SearchOutcome(bracket.fit * multiple_of, bracket.fail * multiple_of, capped=False)  # known settles it
+    if bracket.fit is None and bracket.fail is not None and bracket.fail <= low:
+        return SearchOutcome(None, low * multiple_of, capped=False)  # known: the smallest failed
     if bracket.fit is not None:  # go on from what is known
+        widths.append((top + 1 if bracket.fail is None else bracket.fail) - bracket.fit)
         unit, kind = _next_unit(bracket, bracket.fit, top, aim, multiple_of, tolerance, kinds, widths)
+        kinds.append(kind)
     while True:
         trial = run(unit * multiple_of)
         bracket.record(unit, trial)

@@ -91,9 +91,9 @@ class LocalTrials:
             if self.wrap is not None:
                 model = self.wrap(model, backend.torch_device)
         except Exception as error:
+            self._tracking.__exit__(None, None, None)
             if classify(error) is Failure.OTHER:
                 raise
-            self._tracking.__exit__(None, None, None)
             raise NoFit(
                 f"the model alone does not fit: building it on {self.device.name} ran out of memory within "
                 f"{format_bytes(self.device.total_bytes)} ({first_line(error)}). Try --precision bf16, a smaller "

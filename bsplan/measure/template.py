@@ -7,6 +7,7 @@ that the two imports run side by side. No torch here.
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
 
@@ -28,7 +29,8 @@ def start_early(options: ProbeOptions) -> None:
     """Start the template now where the probe's trials will run in other processes: the ranks of a
     strategy, or, on the CPU, the fresh trial processes of a limit from outside the process
     (measure/probe.py decides that for certain once the device is open)."""
-    on_cpu = options.device is None or options.device.startswith("cpu")
+    # No --device: the CPU unless an NVIDIA device is there (its driver's control file), cheaply.
+    on_cpu = options.device.startswith("cpu") if options.device else not Path("/dev/nvidiactl").exists()
     needed = options.strategy != "none" or (on_cpu and outside_limit(host_limits(), options.memory_limit) is not None)
     if needed and context().get_start_method() == "forkserver":
         forkserver.ensure_running()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bsplan.backends.fake import FakeDevice
 from bsplan.measure.attribution import compose_peak
+from bsplan.measure.oom import first_line
 from bsplan.measure.options import ProbeOptions, Progress
 from bsplan.measure.probe import run_probe
 from bsplan.planning.choices import RunPrecision
@@ -57,7 +58,10 @@ def trace(model_file: Path, options: EstimateOptions, budget_bytes: int,
     composition = None
     if result.max_batch is not None:
         progress.note(f"tracing batch {result.max_batch} once more to see what the tensors at its peak are")
-        composition = compose_peak(model_file, probe_options, result.max_batch, budget_bytes)
+        try:
+            composition = compose_peak(model_file, probe_options, result.max_batch, budget_bytes)
+        except Exception as error:  # noqa: BLE001 - the answer stands without its composition
+            notes += (f"what the tensors at the peak are could not be traced ({first_line(error)})",)
     return Measurement(result.model, breakdown, line, trials, notes, traced=True), result, composition
 
 
