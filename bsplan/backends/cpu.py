@@ -63,7 +63,8 @@ class TensorBytesLimit(TorchDispatchMode):
 
         def counted_resize(storage: torch.UntypedStorage, size: int) -> Any:
             result = resize(storage, size)
-            if storage.device.type == "cpu":
+            # A storage counted before is one of ours: a fake tensor's reports the device "meta".
+            if storage.device.type == "cpu" or id(storage) in self._live:
                 self._count(storage)
             self._read_meter()
             return result

@@ -31,7 +31,6 @@ from bsplan.planning.errors import BadInput, NoFit
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement, predict_for
 from bsplan.planning.results import DEFAULT_MAX_BATCH, EstimateResult, PeakComposition, ProbeResult
-from bsplan.planning.strategies import SINGLE
 from bsplan.planning.units import format_bytes
 
 # Consecutive slopes within 2% count as one affine regime.
@@ -65,11 +64,11 @@ def run_estimate(model_file: Path, options: EstimateOptions, progress: Progress)
 
 
 def _exact(result: EstimateResult, traced: ProbeResult, composition: PeakComposition | None, workspace_bytes: int) -> EstimateResult:
-    """On one device the traced search's answer is exact under the counted budget, where the line
-    only predicts it, and what the tensors at its peak are is known; under a strategy the line,
-    moved by the strategy's states, is the answer (the trace saw one unsharded device)."""
-    if result.per_device is not None and result.per_device.layout != SINGLE:
-        return replace(result, method=Method.trace)
+    """Where the trace ran as the target runs (one device, or ddp / fsdp on a fake process group) the
+    traced search's answer is exact under the counted budget, where the line only predicts it;
+    under a strategy done as arithmetic (zero1/2/3) the line, moved by its states, is the answer."""
+    if result.per_device is not None and result.per_device.layout.strategy != traced.strategy:
+        return replace(result, method=Method.trace)  # a strategy done as arithmetic on one replica's trace
     most = traced.max_batch
     peak = None if traced.peak_bytes is None else traced.peak_bytes + workspace_bytes
     recommended = None if most is None or result.recommended_batch is None else min(result.recommended_batch, most)

@@ -14,8 +14,9 @@ from bsplan.backends.fake import FakeDevice
 from bsplan.backends.host import ADDRESS_SPACE_LIMITS, CGROUP_LIMITS
 from bsplan.measure.oom import first_line
 from bsplan.measure.options import ProbeOptions, Progress
+from bsplan.measure.rank import wrap
 from bsplan.measure.search import SearchOutcome, find_max_batch
-from bsplan.measure.sources import LocalTrials, Static, TrialSource
+from bsplan.measure.sources import LocalTrials, RebuiltAfterFailure, Static, TrialSource
 from bsplan.measure.workload import load_workload
 from bsplan.measure.world import World
 from bsplan.planning.memory_line import fit_top, round_recommended
@@ -39,7 +40,14 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress, backe
     workload = load_workload(model_file)
     source: TrialSource
     aim = None
-    if options.strategy == "none":
+    if backend is not None and options.strategy != "none":
+        # A traced strategy (measure/trace.py): the fake model wrapped here, on a fake process group.
+        def traced_rank() -> LocalTrials:
+            return LocalTrials(workload, options, wrap=lambda model, device: wrap(model, device, workload, options, traced=True),
+                               backend=backend)
+
+        source = RebuiltAfterFailure(traced_rank)
+    elif options.strategy == "none":
         local = LocalTrials(workload, options, backend=backend)
         why = why_restart(local.device_backend.outside_limit)
         if why:

@@ -112,15 +112,46 @@ def _send(connection: Connection, message: Any) -> None:
         pass
 
 
-def wrap(model: torch.nn.Module, device: torch.device, workload: Workload, options: ProbeOptions) -> torch.nn.Module:
+def _averaged_in_place(_state, bucket):  # type: ignore[no-untyped-def]  # DDP checks real annotations, not strings
+    """DDP's default all-reduce as its memory goes: the bucket divided by the world size in place,
+    the result the bucket itself (the fake group moves nothing)."""
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(bucket.buffer().div_(dist.get_world_size()))
+    return future
+
+
+class _KeptBuckets:
+    """DDP's reducer, keeping its first buckets: rebuilding them in the order the first backward
+    produced the gradients broadcasts that order, a value a fake group does not have. The rebuilt
+    buckets hold the same gradients, so the bytes of a step are the same."""
+
+    def __init__(self, reducer: Any) -> None:
+        self._reducer = reducer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reducer, name)
+
+    def _rebuild_buckets(self) -> bool:
+        return False
+
+
+def wrap(model: torch.nn.Module, device: torch.device, workload: Workload, options: ProbeOptions, traced: bool = False) -> torch.nn.Module:
     """The model as the strategy runs it: DDP with its defaults (or gradient_as_bucket_view), or
     FSDP2's fully_shard on each submodule that holds parameters, then the root, unless the model
-    file defines its own shard_model(model)."""
+    file defines its own shard_model(model). `traced`: the model is fake (measure/trace.py), on a
+    fake process group: DDP skips its start-up check and broadcast of the parameters, which read
+    their values (and allocate nothing a step keeps)."""
     if options.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=options.bucket_view)
+        ddp = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=options.bucket_view,
+                                      init_sync=not traced)
+        if traced:  # the fake group's all-reduce completes with no tensor, which DDP's reducer refuses
+            ddp.register_comm_hook(None, _averaged_in_place)
+            ddp.reducer = _KeptBuckets(ddp.reducer)
+        return ddp
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -128,7 +159,8 @@ def wrap(model: torch.nn.Module, device: torch.device, workload: Workload, optio
     if policy is not None:
         policy(model)
         return model
-    mesh = init_device_mesh(device.type, (options.nproc,))
+    with unset_fake_temporarily():  # the mesh reads its ranks' values; outside a trace this does nothing
+        mesh = init_device_mesh(device.type, (options.nproc,))
     # torch's MultiheadAttention reads out_proj.weight without calling out_proj, so out_proj's own
     # unit would never be gathered: it stays in its parent's unit.
     inside_attention = {

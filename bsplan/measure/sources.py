@@ -117,6 +117,50 @@ class LocalTrials:
         return static
 
 
+class RebuiltAfterFailure:
+    """Trials in this process with the model built and wrapped again after each failed trial, as
+    World (measure/world.py) starts a fresh world after one: a strategy's wrapper that ran out of
+    memory mid-step keeps what it had gathered and bucketed, and later trials would carry it (a
+    traced FSDP search found 26830 on examples/mlp.py at 300 MiB and world size 2 with the model
+    kept, where the two-process probe, which restarts, found 27300; rebuilt, the two agree)."""
+
+    def __init__(self, make: Callable[[], LocalTrials]) -> None:
+        self._make = make
+        self._current = make()
+        self.device, self.notes = self._current.device, self._current.notes
+        self.trials: list[Trial] = []
+        self._static: Static | None = None
+
+    def __enter__(self) -> RebuiltAfterFailure:
+        self._current.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._current.__exit__(*exc)
+
+    def __call__(self, batch: int) -> Trial:
+        trial = self._current(batch)
+        self.trials.append(trial)
+        self._keep_static()
+        if not trial.fits:
+            self._current.__exit__(None, None, None)
+            self._current = self._make()
+            self._current.__enter__()
+            self._current.runner.fitted_elsewhere = [t.batch for t in self.trials if t.fits]  # evidence for its OOMs
+        return trial
+
+    def _keep_static(self) -> None:
+        """The latest static memory, but a fresh model's unmeasured optimizer state never replaces a measured one."""
+        static = self._current.static()
+        if self._static is None or static.optimizer_state_measured or not self._static.optimizer_state_measured:
+            self._static = static
+
+    def static(self) -> Static:
+        self._keep_static()
+        assert self._static is not None
+        return self._static
+
+
 def measure_static(
     workload: Workload, model: torch.nn.Module, runner: TrialRunner, mode: str, bucket_bytes: int = 0
 ) -> Static:

@@ -9,19 +9,22 @@ cannot be traced; the estimate then runs real steps instead and says so (measure
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 from bsplan.backends.fake import FakeDevice
 from bsplan.measure.attribution import compose_peak
 from bsplan.measure.oom import first_line
 from bsplan.measure.options import ProbeOptions, Progress
 from bsplan.measure.probe import run_probe
-from bsplan.planning.choices import RunPrecision
+from bsplan.planning.choices import ProbeStrategy, RunPrecision
 from bsplan.planning.errors import BadInput
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement
 from bsplan.planning.results import PeakComposition, ProbeResult, Trial
+from bsplan.planning.strategies import SINGLE, Layout
 from bsplan.planning.units import format_bytes
 
 
@@ -32,11 +35,39 @@ def trace(model_file: Path, options: EstimateOptions, budget_bytes: int,
     tensors at the peak of its answer are (measure/attribution.py). Where fewer than two batches fit
     the budget (the model states of one whole replica alone fill it, as a large model's do on one
     GPU) the line is traced without a budget at batches 1 and LINE_BATCH: what a strategy's states
-    per device, and how many devices would hold them, are computed from (planning/prediction.py)."""
+    per device, and how many devices would hold them, are computed from (planning/prediction.py).
+    Under --strategy ddp or fsdp the real wrapper is traced on a fake process group of --gpus ranks
+    in this process, so the trials are one device's, exactly as `probe --nproc N` measures a rank."""
+    layout = options.layout
+    traced_layout = layout if layout.strategy in ProbeStrategy.values() else SINGLE
     probe_options = ProbeOptions(
         device="cpu", memory_limit=budget_bytes, precision=RunPrecision.parse(options.precision, "--precision"),
         mode=options.mode, steps=ESTIMATE_STEPS, max_batch=options.max_batch, headroom=options.headroom,
+        strategy=traced_layout.strategy, nproc=traced_layout.world_size, bucket_view=traced_layout.bucket_view,
     )
+    with _fake_group(traced_layout.world_size):
+        return _trace(model_file, probe_options, budget_bytes, progress, traced_layout)
+
+
+@contextlib.contextmanager
+def _fake_group(world_size: int) -> Iterator[None]:
+    """A process group of `world_size` ranks in this process that moves nothing (torch's "fake"
+    backend, as PyTorch's own tests of FSDP's memory use it): this process is rank 0."""
+    if world_size == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _trace(model_file: Path, probe_options: ProbeOptions, budget_bytes: int, progress: Progress,
+           layout: Layout) -> tuple[Measurement, ProbeResult, PeakComposition | None]:
     result = run_probe(model_file, probe_options, _Untimed(progress), backend=FakeDevice(budget_bytes, f"{model_file} traced"))
     trials = tuple(_untimed(trial) for trial in result.trials)
     notes = (f"traced with fake tensors: the probe's search found max_batch {result.max_batch} under the counted budget "
@@ -56,13 +87,13 @@ def trace(model_file: Path, options: EstimateOptions, budget_bytes: int,
         notes += (f"batches 1 and {LINE_BATCH} traced without a budget: the line of peak over batch",)
     breakdown = replace(breakdown, activation_bytes_per_sample=line.per_sample_bytes)
     composition = None
-    if result.max_batch is not None:
+    if result.max_batch is not None and layout == SINGLE:
         progress.note(f"tracing batch {result.max_batch} once more to see what the tensors at its peak are")
         try:
             composition = compose_peak(model_file, probe_options, result.max_batch, budget_bytes)
         except Exception as error:  # noqa: BLE001 - the answer stands without its composition
             notes += (f"what the tensors at the peak are could not be traced ({first_line(error)})",)
-    return Measurement(result.model, breakdown, line, trials, notes, traced=True), result, composition
+    return Measurement(result.model, breakdown, line, trials, notes, traced=True, layout=layout), result, composition
 
 
 # Where the budget holds fewer than two batches, the line is traced at batch 1 and this one, with no

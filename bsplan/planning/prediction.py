@@ -13,7 +13,9 @@ from bsplan.planning.choices import Method, Mode, Optimizer, Precision, Strategy
 from bsplan.planning.errors import BadInput
 from bsplan.planning.memory_line import DEFAULT_CUDA_CONTEXT_BYTES, MemoryLine, Overheads, cuda_overheads, predict
 from bsplan.planning.results import DEFAULT_MAX_BATCH, Breakdown, DeviceInfo, EstimateResult, ModelInfo, StatesEstimate, Trial
-from bsplan.planning.strategies import SHARDED_PARAMETERS, SINGLE, ZERO_PAPER, Layout, ModelStates, per_device, per_device_line
+from bsplan.planning.strategies import (
+    SHARDED_PARAMETERS, SINGLE, ZERO_PAPER, DeviceStates, Layout, ModelStates, per_device, per_device_line,
+)
 from bsplan.planning.units import format_bytes, parse_size
 
 # Two steps: the first allocates the optimizer state, the second runs with all of it live. Measured
@@ -133,6 +135,7 @@ class Measurement:
     notes: tuple[str, ...]
     own_units: bool = False  # the model file shards itself (shard_model): its FSDP units are not bsplan's
     traced: bool = False  # the steps were traced with fake tensors (measure/trace.py), not run
+    layout: Layout = SINGLE  # what the trials ran under: one whole replica, or a traced strategy's one device
 
 
 def predict_for(measurement: Measurement, options: EstimateOptions) -> EstimateResult:
@@ -141,7 +144,8 @@ def predict_for(measurement: Measurement, options: EstimateOptions) -> EstimateR
     device, overheads = options.target()
     layout, measured = options.layout, measurement.line
     states = _model_states(measurement.breakdown)
-    line = per_device_line(measured, states, layout)
+    on_device = measurement.layout == layout != SINGLE  # traced under the strategy: the line is one device's already
+    line = measured if on_device else per_device_line(measured, states, layout)
     prediction = predict(line, device.total_bytes, overheads, options.headroom, options.max_batch)
     notes = list(measurement.notes)
     largest = max(t.batch for t in measurement.trials if t.fits)
@@ -151,7 +155,10 @@ def predict_for(measurement: Measurement, options: EstimateOptions) -> EstimateR
     if layout != SINGLE:
         notes.append(f"under {layout.describe()} the fixed part is {format_bytes(line.base_bytes)} per device (docs/strategies.md)")
     notes.extend(_strategy_notes(layout))
-    if layout != SINGLE and measurement.traced:
+    if on_device:
+        notes.append(f"{layout.strategy} traced on a fake process group of {layout.world_size} ranks: the trials are one "
+                     "device's, its states and the strategy's own allocations included")
+    elif layout != SINGLE and measurement.traced:
         notes.append(f"{layout.strategy} is arithmetic on the traced states of one whole replica (docs/strategies.md): its "
                      "collectives, their buffers and its own allocations were not traced")
     if measurement.own_units and layout.strategy in SHARDED_PARAMETERS:
@@ -167,7 +174,7 @@ def predict_for(measurement: Measurement, options: EstimateOptions) -> EstimateR
         headroom=options.headroom, max_batch=prediction.max_batch, recommended_batch=prediction.recommended_batch,
         peak_bytes=prediction.peak_bytes, breakdown=measurement.breakdown, fit=line, overheads=overheads,
         gpu=options.gpu, trials=measurement.trials, capped_at=options.max_batch if prediction.capped else None,
-        notes=tuple(notes), per_device=per_device(states, layout),
+        notes=tuple(notes), per_device=_as_measured(measurement.breakdown, layout) if on_device else per_device(states, layout),
     )
 
 
@@ -181,7 +188,8 @@ WORLD_SIZES = tuple(2**k for k in range(1, 11))
 
 def _sharding_that_fits(measured: MemoryLine, states: ModelStates, device: DeviceInfo, overheads: Overheads) -> str:
     """Where batch 1 would fit: the fewest devices of each sharding strategy, from the measured line
-    moved by the strategy's states (per_device_line), as an estimate under --strategy predicts."""
+    moved by the strategy's states (per_device_line), as an estimate under zero1/2/3 predicts. An
+    upper bound for fsdp, whose units this arithmetic counts as all gathered at once."""
     found = []
     for strategy in (Strategy.zero1, Strategy.zero2, Strategy.fsdp):
         world = next((n for n in WORLD_SIZES
@@ -191,7 +199,14 @@ def _sharding_that_fits(measured: MemoryLine, states: ModelStates, device: Devic
     if not found:
         return (f"not even fsdp on {WORLD_SIZES[-1]} devices would hold batch 1: try --precision bf16, activation "
                 "checkpointing or a smaller model")
-    return f"batch 1 would fit per device under {', '.join(found)} (estimate again with --strategy and --gpus)"
+    return (f"by the strategies' arithmetic on this one replica, batch 1 would fit per device under {', '.join(found)} "
+            "(estimate again with --strategy and --gpus: ddp and fsdp are then traced, and may fit on fewer)")
+
+
+def _as_measured(breakdown: Breakdown, layout: Layout) -> DeviceStates:
+    """The states one device held where the strategy itself was traced: its shards and buckets."""
+    return DeviceStates(layout, breakdown.parameter_bytes, breakdown.gradient_bytes, breakdown.optimizer_state_bytes,
+                        breakdown.bucket_bytes, breakdown.gathered_bytes)
 
 
 def _model_states(breakdown: Breakdown) -> ModelStates:
