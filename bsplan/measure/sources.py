@@ -150,15 +150,18 @@ class RebuiltAfterFailure:
         return trial
 
     def _keep_static(self) -> None:
-        """The latest static memory, but a fresh model's unmeasured optimizer state never replaces a measured one."""
-        static = self._current.static()
-        if self._static is None or static.optimizer_state_measured or not self._static.optimizer_state_measured:
-            self._static = static
+        self._static = latest_static(self._static, self._current.static())
 
     def static(self) -> Static:
         self._keep_static()
         assert self._static is not None
         return self._static
+
+
+def latest_static(kept: Static | None, latest: Static) -> Static:
+    """The latest static memory, but a fresh model's unmeasured optimizer state (no step completed in
+    it yet) never replaces a measured one: after a restart, as World and RebuiltAfterFailure make."""
+    return latest if kept is None or latest.optimizer_state_measured or not kept.optimizer_state_measured else kept
 
 
 def measure_static(

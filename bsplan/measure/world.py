@@ -33,7 +33,7 @@ from bsplan.backends.host import oom_kills
 from bsplan.measure.options import ProbeOptions
 from bsplan.measure import template
 from bsplan.measure.rank import rank_main
-from bsplan.measure.sources import Static
+from bsplan.measure.sources import Static, latest_static
 from bsplan.planning.errors import BadInput, BsplanError, NoFit, UserCodeError
 from bsplan.planning.results import DeviceInfo, Trial
 
@@ -86,8 +86,7 @@ class World:
             replies[rank] = (trial, static)
         if self._why_restart:  # the next trial in a fresh process too
             self._stop()
-        if self._static is None or not self._static.optimizer_state_measured or replies[0][1].optimizer_state_measured:
-            self._static = replies[0][1]  # a fresh world's unmeasured state never replaces a measured one
+        self._static = latest_static(self._static, replies[0][1])
         per_rank = [trial for trial, _ in replies.values()]
         combined = Trial(
             batch, True, max(t.peak_bytes or 0 for t in per_rank), max(t.seconds for t in per_rank),
@@ -122,8 +121,7 @@ class World:
             if self._why_restart:
                 self.notes = [*notes, f"{self._why_restart}: each trial ran in a fresh process, as a plain training "
                                       f"process starts, for {self.options.steps} steps"]
-        if self._static is None or not self._static.optimizer_state_measured:
-            self._static = static
+        self._static = latest_static(self._static, static)
 
     def _next_reply(self, doing: str, batch: int | None = None) -> tuple[int, Any]:
         """The next message from any rank; a rank's error, death or silence ends the probe, but for
