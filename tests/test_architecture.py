@@ -14,9 +14,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bsplan"
 MAY_IMPORT = {
     "planning": {"planning"},
     "backends": {"planning", "backends"},
-    "measure": {"planning", "backends", "measure"},
-    "runtime": {"planning", "backends", "measure", "runtime"},
-    "cli": {"planning", "backends", "measure", "runtime", "cli"},
+    "models": {"planning", "models"},
+    "measure": {"planning", "backends", "models", "measure"},
+    "runtime": {"planning", "backends", "models", "measure", "runtime"},
+    "cli": {"planning", "backends", "models", "measure", "runtime", "cli"},
     "autobatch": {"runtime"},
     "__init__": set(),
 }

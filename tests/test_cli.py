@@ -19,7 +19,7 @@ from conftest import EXAMPLES, MODELS, bsplan
 PROBE_FIELDS = {
     "schema", "model", "device", "mode", "precision", "steps", "multiple_of", "headroom", "max_batch",
     "first_oom_batch", "recommended_batch", "peak_bytes", "breakdown", "trials", "capped_at", "interrupted", "notes",
-    "best_throughput_batch", "efficient_batch", "world_size", "strategy", "bucket_view",
+    "best_throughput_batch", "efficient_batch", "world_size", "strategy", "bucket_view", "seq_len",
 }
 TRIAL_FIELDS = {
     "batch", "fits", "peak_bytes", "seconds", "samples_per_second", "error", "oom_evidence", "forward_peak_bytes", "step_peak_bytes",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from pathlib import Path
 
 import pytest
+from plan_helpers import probe_data, save_probe
 
 from bsplan.planning.export import export_plan
 from bsplan.planning.plan import Plan, PlanOptions
@@ -116,3 +118,18 @@ def test_a_limit_that_assumes_ddps_bucket_view_says_so_in_every_export(tmp_path)
     save_probe(tmp_path, probe_data(world_size=4, strategy="ddp", bucket_view=True))
     assert make_plan(PlanOptions(1024, gpus_per_node=4), cwd=tmp_path).bucket_view
     assert not make_plan(PlanOptions(1024, gpus_per_node=4, max_micro=16), cwd=tmp_path).bucket_view
+
+
+def test_a_limit_measured_with_checkpointing_and_lora_carries_them_into_the_exports(tmp_path: Path) -> None:
+    """HF TrainingArguments turn gradient checkpointing on; every export says what the limit assumes."""
+    data = probe_data()
+    data["model"]["settings"] = {"gradient_checkpointing": True, "lora": "r=8,alpha=16"}
+    plan = _plan(global_batch=512, gpus_per_node=8, nodes=1, max_micro=None, probe_file=save_probe(tmp_path, data))
+    hf = export_plan(plan, "hf")
+    arguments = json.loads(hf.text)
+    assert arguments["gradient_checkpointing"] is True and set(arguments) <= HF_FIELDS | {"gradient_checkpointing"}
+    assert any("LoRA r=8,alpha=16" in note for note in hf.notes)
+    torchrun = export_plan(plan, "torchrun")
+    assert any("gradient checkpointing" in note for note in torchrun.notes)
+    plain = _plan(global_batch=512, gpus_per_node=8, nodes=1, max_micro=None, probe_file=save_probe(tmp_path, probe_data()))
+    assert "gradient_checkpointing" not in json.loads(export_plan(plain, "hf").text)

@@ -109,10 +109,17 @@ def test_a_line_measured_under_one_strategy_gives_the_same_line_for_another(
 def test_fsdp_gathers_the_root_s_unit_and_two_of_the_largest() -> None:
     import torch
 
+    from bsplan.models.blocks import fsdp_units
+
     model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
-    assert gathered_bytes(model) == 2 * (784 * 512 + 512) * 4
+    assert gathered_bytes(model, fsdp_units(model)) == 2 * (784 * 512 + 512) * 4
     model.register_parameter("scale", torch.nn.Parameter(torch.ones(3)))  # the root holds one directly
-    assert gathered_bytes(model) == 3 * 4 + 2 * (784 * 512 + 512) * 4
+    assert gathered_bytes(model, fsdp_units(model)) == 3 * 4 + 2 * (784 * 512 + 512) * 4
+    # A tied embedding and head stay in the root's unit, which FSDP keeps gathered: counted there.
+    embed, head = torch.nn.Embedding(100, 8), torch.nn.Linear(8, 100, bias=False)
+    head.weight = embed.weight
+    tied = torch.nn.Sequential(embed, torch.nn.Linear(8, 8), head)
+    assert gathered_bytes(tied, fsdp_units(tied)) == 100 * 8 * 4 + 2 * (8 * 8 + 8) * 4
 
 
 # --- bsplan estimate ---------------------------------------------------------------------------

@@ -38,6 +38,32 @@ stderr = Console(stderr=True, highlight=False, markup=False)
 
 EXIT_NO_FIT = 3
 
+# What probe and estimate accept as the model, and the options that describe a source (docs/sources.md).
+MODEL_HELP = ("A model file defining build_model() and make_batch(batch_size) (docs/model-file.md); hf:CONFIG, a Hugging Face "
+              "config (a directory, a config.json or a hub id; random weights, never downloaded); or MODULE:CALLABLE, a factory "
+              "returning an nn.Module (describe its input with --input-shape or --vocab).")
+SEQ_LEN = typer.Option(None, help="Tokens per sample (hf:, a factory with --vocab, a model file whose make_batch takes "
+                                  "(batch_size, seq_len)). A comma list sweeps: 512,1024,2048.")
+TASK = typer.Option(None, help="hf: the head: causal-lm, masked-lm, seq2seq-lm, sequence-classification, image-classification. "
+                               "Default: from the config's architectures.")
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="hf: run the model code a hub config ships with it.")
+TARGET_LEN = typer.Option(None, help="hf seq2seq-lm: decoder tokens per sample (default: --seq-len).")
+INPUT_SHAPE = typer.Option(None, help="MODULE:CALLABLE: one sample of a float input, e.g. 3,224,224.")
+VOCAB = typer.Option(None, help="MODULE:CALLABLE: token ids below N as input, --seq-len of them per sample.")
+NUM_CLASSES = typer.Option(None, help="MODULE:CALLABLE: a class target per sample and a cross-entropy loss (default: the output's mean).")
+GRADIENT_CHECKPOINTING = typer.Option(
+    False, "--gradient-checkpointing", help="Recompute activations in backward: hf models' own, else each block of the largest nn.ModuleList."
+)
+LORA = typer.Option(None, help="Train LoRA adapters only (peft): r=16[,alpha=32,targets=q_proj+v_proj].")
+ATTN = typer.Option(None, help="hf: attention implementation, e.g. sdpa or eager.")
+
+
+def _source(model: str, **values: Any) -> tuple[Any, tuple[int, ...] | None]:
+    """The model source the options describe, and the lengths to sweep (None: one length)."""
+    from bsplan.models.source import from_cli
+
+    return from_cli(model, **values)
+
 
 @app.callback()
 def _commands() -> None:
@@ -76,7 +102,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 @app.command()
 def probe(
-    model_file: Path = typer.Argument(..., help="Python file defining build_model() and make_batch(batch_size) (docs/model-file.md)."),
+    model: str = typer.Argument(..., help=MODEL_HELP, metavar="MODEL"),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda:0 when CUDA is available, else cpu."),
     memory_limit: Optional[str] = typer.Option(
         None, help="Memory a batch may use, e.g. 300MiB, 2GiB, 2GB or bytes. On the CPU it counts tensor bytes exactly, like a GPU's allocator; without it, the CPU takes what the OS has available less 10% + 1 GiB."
@@ -100,11 +126,18 @@ def probe(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
     output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
     save: bool = typer.Option(True, help=f"Save the result to {LAST_PROBE} for `bsplan plan` to use."),
+    seq_len: Optional[str] = SEQ_LEN, task: Optional[str] = TASK, trust_remote_code: bool = TRUST_REMOTE_CODE,
+    target_len: Optional[int] = TARGET_LEN, input_shape: Optional[str] = INPUT_SHAPE, vocab: Optional[int] = VOCAB,
+    num_classes: Optional[int] = NUM_CLASSES, gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    lora: Optional[str] = LORA, attn: Optional[str] = ATTN,
 ) -> None:
     """Run real training steps at growing batch sizes and find the exact largest batch that fits."""
-    from bsplan.cli.render import ProbeProgress, show_probe
+    from bsplan.cli.render import ProbeProgress, show_probe, show_sweep
 
     try:
+        source, lengths = _source(model, seq_len=seq_len, task=task, trust_remote_code=trust_remote_code, target_len=target_len,
+                                  input_shape=input_shape, vocab=vocab, num_classes=num_classes,
+                                  gradient_checkpointing=gradient_checkpointing, lora=lora, attn=attn)
         from bsplan.measure import template
         from bsplan.measure.options import ProbeOptions
 
@@ -116,24 +149,42 @@ def probe(
         )
         template.start_early(options)  # its import of torch runs beside this process's
         from bsplan.measure.probe import run_probe
+        from bsplan.measure.sweep import sweep
 
+        progress = ProbeProgress(stderr)
         with contextlib.redirect_stdout(sys.stderr):  # the model file's prints: stdout is the result's
-            result = run_probe(model_file, options, ProbeProgress(stderr))
+            if lengths is None:
+                result = run_probe(source, options, progress)
+            else:
+                result = sweep("probe", lambda at: run_probe(at, options, progress), source, lengths, progress)
     except BsplanError as error:
         _fail(error, json_out)
     data = result.to_dict()
     if save and not result.interrupted:
         _write_json(LAST_PROBE, data)
-    _emit(data, lambda console: show_probe(console, result), json_out, output)
-    if result.interrupted:
+    _emit(data, lambda console: show_probe(console, result) if lengths is None else show_sweep(console, result), json_out, output)
+    _exit_for(result)
+
+
+def _exit_for(result: Any) -> None:
+    """130 when interrupted; 3 when no batch fits (in a sweep: at some length); else 0."""
+    if getattr(result, "interrupted", False):
         raise typer.Exit(130)
-    if result.max_batch is None:
+    rows = getattr(result, "rows", None)
+    if any(row.result.max_batch is None for row in rows) if rows is not None else result.max_batch is None:
         raise typer.Exit(EXIT_NO_FIT)
 
 
 @app.command()
 def plan(
-    target: int = typer.Option(..., help="Global batch: samples per optimizer step over all devices."),
+    target: Optional[int] = typer.Option(None, help="Global batch: samples per optimizer step over all devices (or give --target-tokens)."),
+    target_tokens: Optional[str] = typer.Option(
+        None, help="Global batch in tokens per optimizer step, with --seq-len: 4M = 4,000,000 (K, M, G, T are decimal), "
+                   "4Mi = 4,194,304 (Ki, Mi, Gi, Ti binary); rounded down to whole samples."
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None, help="Tokens per sample, for --target-tokens and --dataset-tokens; with a saved --seq-len sweep, the length to plan at."
+    ),
     gpus: int = typer.Option(1, help="Devices per node."),
     nodes: int = typer.Option(1, help="Nodes; the world size is nodes x gpus."),
     max_micro: Optional[int] = typer.Option(
@@ -153,6 +204,9 @@ def plan(
     warmup_epochs: Optional[float] = typer.Option(None, help="Warmup in epochs."),
     warmup_ratio: Optional[float] = typer.Option(None, help="Warmup as a fraction of all steps (needs --dataset-size, --epochs)."),
     dataset_size: Optional[int] = typer.Option(None, help="Samples per epoch: steps per epoch and warmup in steps."),
+    dataset_tokens: Optional[str] = typer.Option(
+        None, help="Tokens per epoch instead of --dataset-size, with --seq-len: 2G = 2,000,000,000, 2Gi = 2,147,483,648."
+    ),
     epochs: Optional[float] = typer.Option(None, help="Epochs to train: total optimizer steps."),
     batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm", help="Whether the model has BatchNorm (default: as the probe found)."),
     gpu: Optional[str] = typer.Option(None, help="Estimate the limit for this catalogue GPU (bsplan gpus --catalog) from the probe's memory per sample."),
@@ -165,7 +219,8 @@ def plan(
         PlanFormat.table, "--format", help="table, json, or what one tool reads: deepspeed, hf, lightning, torchrun."
     ),
 ) -> None:
-    """Split a global batch into micro-batch x accumulation steps x devices, with learning rate and warmup."""
+    """Split a global batch (samples, or tokens with --seq-len) into micro-batch x accumulation steps x devices,
+    with learning rate and warmup."""
     from bsplan.cli.render import show_plan, warning_text
     from bsplan.planning.export import export_plan
     from bsplan.planning.plan import PlanOptions
@@ -175,8 +230,9 @@ def plan(
     try:
         if json_out and output_format not in (PlanFormat.table, PlanFormat.json):
             raise BadInput(f"--json and --format {output_format} ask for two outputs: give one of them")
-        options = PlanOptions(
-            global_batch=target, gpus_per_node=gpus, nodes=nodes, max_micro=max_micro, probe_file=from_file,
+        options = PlanOptions.from_cli(
+            target=target, target_tokens=target_tokens, seq_len=seq_len, dataset_tokens=dataset_tokens,
+            gpus_per_node=gpus, nodes=nodes, max_micro=max_micro, probe_file=from_file,
             use=use, multiple_of=multiple_of, base_lr=base_lr, base_batch=base_batch, scaling=scaling,
             optimizer=optimizer, beta2=beta2, warmup_steps=warmup_steps, warmup_epochs=warmup_epochs,
             warmup_ratio=warmup_ratio, dataset_size=dataset_size, epochs=epochs, batchnorm=batchnorm, gpu=gpu,
@@ -224,9 +280,7 @@ def gpus(
 
 @app.command()
 def estimate(
-    model_file: Optional[Path] = typer.Argument(
-        None, help="Python file defining build_model() and make_batch(batch_size) (docs/model-file.md); or give --params."
-    ),
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Or give --params.", metavar="[MODEL]"),
     gpu: Optional[str] = typer.Option(None, help="A GPU of the catalogue (bsplan gpus --catalog), loosely: h100, H100-80GB, a100-40gb, 4090."),
     memory: Optional[str] = typer.Option(
         None, help="Memory to plan for, e.g. 300MiB or 20GiB. Alone: counted like probe --memory-limit. With --gpu: that GPU with this much free."
@@ -251,35 +305,47 @@ def estimate(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
     output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file (bsplan plan --from reads it)."),
+    seq_len: Optional[str] = SEQ_LEN, task: Optional[str] = TASK, trust_remote_code: bool = TRUST_REMOTE_CODE,
+    target_len: Optional[int] = TARGET_LEN, input_shape: Optional[str] = INPUT_SHAPE, vocab: Optional[int] = VOCAB,
+    num_classes: Optional[int] = NUM_CLASSES, gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    lora: Optional[str] = LORA, attn: Optional[str] = ATTN,
 ) -> None:
     """Predict the largest batch for a GPU you do not have (or any memory budget) from CPU training steps,
     per device under a data-parallel strategy; or the model states of a parameter count."""
-    from bsplan.cli.render import ProbeProgress, show_estimate, show_states
+    from bsplan.cli.render import ProbeProgress, show_estimate, show_states, show_sweep
 
     try:
         from bsplan.planning.prediction import EstimateOptions, estimate_states
 
         options = EstimateOptions.from_cli(
-            model_given=model_file is not None, gpu=gpu, memory=memory, cuda_context=cuda_context, max_batch=max_batch,
+            model_given=model is not None, gpu=gpu, memory=memory, cuda_context=cuda_context, max_batch=max_batch,
             strategy=strategy, gpus=gpus, bucket_view=bucket_view, params=params, optimizer=optimizer,
             activation_bytes_per_sample=activation_bytes_per_sample, precision=precision, mode=mode, headroom=headroom,
             method=method,
         )
-        if model_file is None:
+        if model is None:
             states = estimate_states(options)
             _emit(states.to_dict(), lambda console: show_states(console, states), json_out, output)
             if states.device is not None and states.activation_bytes_per_sample is not None and states.max_batch is None:
                 raise typer.Exit(EXIT_NO_FIT)
             return
+        source, lengths = _source(model, seq_len=seq_len, task=task, trust_remote_code=trust_remote_code, target_len=target_len,
+                                  input_shape=input_shape, vocab=vocab, num_classes=num_classes,
+                                  gradient_checkpointing=gradient_checkpointing, lora=lora, attn=attn)
         from bsplan.measure.estimate import run_estimate
+        from bsplan.measure.sweep import sweep
 
+        progress = ProbeProgress(stderr)
         with contextlib.redirect_stdout(sys.stderr):  # the model file's prints: stdout is the result's
-            result = run_estimate(model_file, options, ProbeProgress(stderr))
+            if lengths is None:
+                result = run_estimate(source, options, progress)
+            else:
+                result = sweep("estimate", lambda at: run_estimate(at, options, progress), source, lengths, progress)
     except BsplanError as error:
         _fail(error, json_out)
-    _emit(result.to_dict(), lambda console: show_estimate(console, result), json_out, output)
-    if result.max_batch is None:
-        raise typer.Exit(EXIT_NO_FIT)
+    _emit(result.to_dict(), lambda console: show_estimate(console, result) if lengths is None else show_sweep(console, result),
+          json_out, output)
+    _exit_for(result)
 
 
 def _wants_json(argv: list[str]) -> bool:

@@ -11,7 +11,7 @@ from rich.table import Table
 from bsplan.planning.units import format_bytes
 
 if TYPE_CHECKING:
-    from bsplan.planning.results import Breakdown, ProbeResult, Trial
+    from bsplan.planning.results import Breakdown, ModelInfo, ProbeResult, SweepResult, Trial
 
 
 def _rate(trial: Trial) -> str:
@@ -59,6 +59,7 @@ def show_probe(console: Console, result: ProbeResult) -> None:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("device", f"{device.name}, {format_bytes(device.total_bytes)} ({device.limit_source})")
+    _add_model(summary, result.model)
     summary.add_row("mode / precision", f"{result.mode}, {result.precision}, {result.steps} steps per trial")
     summary.add_row("max batch", "none fits" if result.max_batch is None else str(result.max_batch))
     if result.capped_at is not None:
@@ -77,6 +78,45 @@ def show_probe(console: Console, result: ProbeResult) -> None:
     console.print(summary)
     console.print(_trials_table("trials", result.trials))
     for note in result.notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
+
+
+def _add_model(summary: Table, model: ModelInfo) -> None:
+    """What shapes the model's memory beyond its file: the tokens per sample, the knobs, LoRA's trainable part."""
+    if model.seq_len is not None:
+        summary.add_row("tokens per sample", f"{model.seq_len:,}")
+    if model.settings:
+        summary.add_row("settings", ", ".join(f"{key} {value}" if value is not True else key for key, value in model.settings.items()))
+    if model.trainable_parameters is not None:
+        summary.add_row("trainable parameters", f"{model.trainable_parameters:,} of {model.parameters:,}")
+
+
+def show_sweep(console: Console, result: SweepResult) -> None:
+    """A sweep over sequence lengths: the largest batch and tokens at each, and the safe token budget."""
+    first = result.rows[0].result
+    title = f"bsplan {result.command}: {result.model.file} on {first.device.name}, {format_bytes(first.device.total_bytes)}"
+    table = Table(title=title, title_justify="left")
+    for name in ("seq_len", "max batch", "max tokens", "recommended", "peak", "tokens/s"):
+        table.add_column(name, justify="right")
+    for row in result.rows:
+        rate = row.tokens_per_second
+        table.add_row(
+            f"{row.seq_len:,}", "none fits" if row.result.max_batch is None else f"{row.result.max_batch:,}",
+            "-" if row.max_tokens is None else f"{row.max_tokens:,}",
+            "-" if row.result.recommended_batch is None else f"{row.result.recommended_batch:,}",
+            format_bytes(row.result.peak_bytes), "-" if rate is None else f"{rate:,.0f}",
+        )
+    console.print(table)
+    budget = result.token_budget
+    if budget is not None:
+        console.print(f"token budget for length-bucketed batches: {budget.tokens:,} tokens per micro-batch "
+                      f"(set by seq_len {budget.seq_len:,})", markup=False, soft_wrap=True)
+    else:
+        console.print("no token budget: some length fits no batch", markup=False)
+    if result.interrupted:
+        console.print("interrupted: the lengths after the last row were not measured", markup=False)
+    notes = dict.fromkeys(note for row in result.rows for note in row.result.notes)  # each once, in order
+    for note in notes:
         console.print(f"note: {note}", markup=False, soft_wrap=True)
 
 
@@ -259,6 +299,7 @@ def show_estimate(console: Console, result: EstimateResult) -> None:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("device", Text(f"{device.name}, {format_bytes(device.total_bytes)} ({device.limit_source})"))
+    _add_model(summary, result.model)
     summary.add_row("mode / precision", f"{result.mode}, {result.precision}")
     if result.per_device is not None and result.per_device.layout.strategy != "none":
         summary.add_row("strategy", f"{result.per_device.layout.describe()}: every number is per device")

@@ -12,7 +12,6 @@ peak rises. The labels kept last are the peak's: they add up to it, byte for byt
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -24,6 +23,7 @@ from bsplan.backends.fake import FakeDevice
 from bsplan.measure.options import ProbeOptions
 from bsplan.measure.trial import TrialRunner
 from bsplan.measure.workload import load_workload
+from bsplan.models.source import SourceLike
 from bsplan.planning.errors import BsplanError
 from bsplan.planning.results import ModuleBytes, PeakComposition
 
@@ -95,10 +95,10 @@ class _Labels:
             self.running.pop()
 
 
-def compose_peak(model_file: Path, options: ProbeOptions, batch: int, limit_bytes: int) -> PeakComposition:
+def compose_peak(model_source: SourceLike, options: ProbeOptions, batch: int, limit_bytes: int) -> PeakComposition:
     """The live tensors at the peak of a traced trial of `batch` (its last step's), by kind, with the
     modules that saved the most activation bytes."""
-    workload = load_workload(model_file)
+    workload = load_workload(model_source)
     device = FakeDevice(limit_bytes, "traced")
     with device.tracking():
         model = device.place(workload.build_model())

@@ -17,17 +17,16 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from bsplan.backends.cpu import CpuDevice
-from bsplan.measure.oom import first_line
 from bsplan.measure.options import Progress
 from bsplan.measure.sources import measure_static
 from bsplan.measure.trace import trace
 from bsplan.measure.trial import TrialRunner
 from bsplan.measure.workload import load_workload
+from bsplan.models.source import SourceLike
 from bsplan.planning.choices import Method
-from bsplan.planning.errors import BadInput, NoFit
+from bsplan.planning.errors import BadInput, NoFit, first_line
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement, predict_for
 from bsplan.planning.results import DEFAULT_MAX_BATCH, EstimateResult, PeakComposition, ProbeResult
@@ -43,14 +42,14 @@ FAST_GROWTH_BELOW = 0.05
 MEASURE_SECONDS = 60.0
 
 
-def run_estimate(model_file: Path, options: EstimateOptions, progress: Progress) -> EstimateResult:
+def run_estimate(model_source: SourceLike, options: EstimateOptions, progress: Progress) -> EstimateResult:
     """Traced by default; by real CPU steps with --method run, or where the model cannot be traced."""
     device, overheads = options.target()
     budget = device.total_bytes - overheads.total_bytes
     fallback: tuple[str, ...] = ()
     if options.method == Method.trace:
         try:
-            measurement, traced, composition = trace(model_file, options, budget, progress)
+            measurement, traced, composition = trace(model_source, options, budget, progress)
         except (BadInput, NoFit):
             raise
         except Exception as error:  # noqa: BLE001 - an operator with no fake implementation, or the model's own error
@@ -59,7 +58,7 @@ def run_estimate(model_file: Path, options: EstimateOptions, progress: Progress)
             progress.note(fallback[0])
         else:
             return _exact(predict_for(measurement, options), traced, composition, overheads.cublas_workspace_bytes)
-    measurement = measure(model_file, options.precision, options.mode, progress, budget)
+    measurement = measure(model_source, options.precision, options.mode, progress, budget)
     return predict_for(replace(measurement, notes=fallback + measurement.notes), options)
 
 
@@ -76,10 +75,10 @@ def _exact(result: EstimateResult, traced: ProbeResult, composition: PeakComposi
                    method=Method.trace, at_peak=composition)
 
 
-def measure(model_file: Path, precision: str, mode: str, progress: Progress, budget_bytes: float) -> Measurement:
+def measure(model_source: SourceLike, precision: str, mode: str, progress: Progress, budget_bytes: float) -> Measurement:
     """Train at batches 1, 2, 4, ... on the CPU until the line of peak over batch has settled
     (see the module's docstring); budget_bytes is what the target leaves for the step."""
-    workload = load_workload(model_file)
+    workload = load_workload(model_source)
     device = CpuDevice(None)  # the host's memory as the limit: an exhausted host ends the doubling
     notes: list[str] = []
     with device.tracking():

@@ -47,8 +47,3 @@ def classify(error: BaseException) -> Failure:
     if any(text in message for text in _AMBIGUOUS_MESSAGES):
         return Failure.AMBIGUOUS
     return Failure.OTHER
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's first line, short enough for a table and a JSON field."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

@@ -6,19 +6,19 @@ import contextlib
 import signal
 import threading
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from bsplan.backends.device import Device
 from bsplan.backends.fake import FakeDevice
 from bsplan.backends.host import ADDRESS_SPACE_LIMITS, CGROUP_LIMITS
-from bsplan.measure.oom import first_line
 from bsplan.measure.options import ProbeOptions, Progress
 from bsplan.measure.rank import wrap
 from bsplan.measure.search import SearchOutcome, find_max_batch
 from bsplan.measure.sources import LocalTrials, RebuiltAfterFailure, Static, TrialSource
 from bsplan.measure.workload import load_workload
 from bsplan.measure.world import World
+from bsplan.models.source import SourceLike
+from bsplan.planning.errors import first_line
 from bsplan.planning.memory_line import fit_top, round_recommended
 from bsplan.planning.results import SAME_THROUGHPUT, Breakdown, DeviceInfo, ProbeResult, Trial
 from bsplan.planning.units import format_bytes
@@ -34,10 +34,10 @@ BAND_TOLERANCE = 0.05
 BAND_STEPS = 5
 
 
-def run_probe(model_file: Path, options: ProbeOptions, progress: Progress, backend: Device | None = None) -> ProbeResult:
+def run_probe(model_source: SourceLike, options: ProbeOptions, progress: Progress, backend: Device | None = None) -> ProbeResult:
     """Find the largest batch that fits (on `backend`, where given: a traced device). Ctrl-C returns
     what was measured so far (interrupted)."""
-    workload = load_workload(model_file)
+    workload = load_workload(model_source)
     source: TrialSource
     aim = None
     if backend is not None and options.strategy != "none":
@@ -53,10 +53,10 @@ def run_probe(model_file: Path, options: ProbeOptions, progress: Progress, backe
         if why:
             options = replace(options, steps=max(options.steps, BAND_STEPS))
         elif backend is None and options.search == "predict":
-            aim = traced_answer(model_file, options, local.device.total_bytes, progress)
-        source = World(model_file, options, why) if why else local
+            aim = traced_answer(model_source, options, local.device.total_bytes, progress)
+        source = World(model_source, options, why) if why else local
     else:
-        source = World(model_file, options)
+        source = World(model_source, options)
     with source:
         for note in source.notes:
             progress.note(note)
@@ -116,13 +116,13 @@ def why_restart(outside_limit: str | None) -> str | None:
     return None
 
 
-def traced_answer(model_file: Path, options: ProbeOptions, limit_bytes: int, progress: Progress) -> int | None:
+def traced_answer(model_source: SourceLike, options: ProbeOptions, limit_bytes: int, progress: Progress) -> int | None:
     """The largest batch the probe's search finds on the step traced with fake tensors under the same
     limit (backends/fake.py): on the counted CPU the real answer to the byte, on a GPU a first guess
     (the trace knows no cuDNN workspaces or fragmentation). None where the step cannot be traced."""
     device = FakeDevice(limit_bytes, "traced")
     try:
-        traced = run_probe(model_file, replace(options, device="cpu", memory_limit=limit_bytes), _Quiet(), backend=device)
+        traced = run_probe(model_source, replace(options, device="cpu", memory_limit=limit_bytes), _Quiet(), backend=device)
     except Exception as error:  # noqa: BLE001 - an operator with no fake implementation: the real search alone
         progress.note(f"the step could not be traced ({first_line(error)}): the search starts from batch {options.min_batch}")
         return None

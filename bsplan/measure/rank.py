@@ -27,10 +27,12 @@ import torch._dynamo  # noqa: E402, F401  # an optimizer imports it when made (~
 import torch.distributed as dist  # noqa: E402
 
 from bsplan.backends import cuda  # noqa: E402
+from bsplan.measure.oom import Failure, classify  # noqa: E402
 from bsplan.measure.options import ProbeOptions  # noqa: E402
 from bsplan.measure.sources import LocalTrials  # noqa: E402
 from bsplan.measure.workload import Workload, load_workload, user_error  # noqa: E402
-from bsplan.planning.errors import BsplanError, UserCodeError  # noqa: E402
+from bsplan.models.blocks import fsdp_units  # noqa: E402
+from bsplan.planning.errors import BsplanError, UserCodeError, first_line  # noqa: E402
 
 
 def rank_main(
@@ -137,10 +139,10 @@ class _KeptBuckets:
 
 def wrap(model: torch.nn.Module, device: torch.device, workload: Workload, options: ProbeOptions, traced: bool = False) -> torch.nn.Module:
     """The model as the strategy runs it: DDP with its defaults (or gradient_as_bucket_view), or
-    FSDP2's fully_shard on each submodule that holds parameters, then the root, unless the model
-    file defines its own shard_model(model). `traced`: the model is fake (measure/trace.py), on a
-    fake process group: DDP skips its start-up check and broadcast of the parameters, which read
-    their values (and allocate nothing a step keeps)."""
+    FSDP2's fully_shard on each unit models/blocks.py chooses, then the root, unless the model file
+    defines its own shard_model(model). `traced`: the model is fake (measure/trace.py), on a fake
+    process group: DDP skips its start-up check and broadcast of the parameters, which read their
+    values (and allocate nothing a step keeps)."""
     if options.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -157,19 +159,20 @@ def wrap(model: torch.nn.Module, device: torch.device, workload: Workload, optio
 
     policy = workload.shard_policy()
     if policy is not None:
-        policy(model)
+        policy(model)  # the user's own policy: what it raises is their error
         return model
     with unset_fake_temporarily():  # the mesh reads its ranks' values; outside a trace this does nothing
         mesh = init_device_mesh(device.type, (options.nproc,))
-    # torch's MultiheadAttention reads out_proj.weight without calling out_proj, so out_proj's own
-    # unit would never be gathered: it stays in its parent's unit.
-    inside_attention = {
-        id(child) for attention in model.modules() if isinstance(attention, torch.nn.MultiheadAttention)
-        for child in attention.modules() if child is not attention
-    }
-    for module in reversed(list(model.modules())):  # children first: each unit takes what is left
-        holds_parameters = any(True for _ in module.parameters(recurse=False))
-        if module is not model and holds_parameters and id(module) not in inside_attention:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    try:
+        for unit in fsdp_units(model):
+            fully_shard(unit, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    except Exception as error:
+        if classify(error) is not Failure.OTHER:
+            raise  # out of memory: the model does not fit (measure/sources.py)
+        # bsplan chose these units, not the user: the error is bsplan's, and the user's way out is their own policy.
+        raise BsplanError(
+            f"bsplan's default FSDP policy failed on {workload.name} ({type(error).__name__}: {first_line(error)}): "
+            "define shard_model(model) in the model file to choose the FSDP units yourself (docs/model-file.md)"
+        ) from None
     return model

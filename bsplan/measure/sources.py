@@ -13,11 +13,12 @@ from typing import Callable, Protocol
 import torch
 
 from bsplan.backends.device import Device, open_device
-from bsplan.measure.oom import Failure, classify, first_line
+from bsplan.measure.oom import Failure, classify
 from bsplan.measure.options import ProbeOptions
 from bsplan.measure.trial import TrialRunner, local
 from bsplan.measure.workload import Workload
-from bsplan.planning.errors import NoFit
+from bsplan.models.blocks import fsdp_units
+from bsplan.planning.errors import NoFit, first_line
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.results import Breakdown, DeviceInfo, ModelInfo, Trial
 from bsplan.planning.strategies import OPTIMIZER_STATES, gathered_bytes
@@ -184,14 +185,14 @@ def measure_static(
             state = per_parameter * trainable_bytes
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return Static(
-        model=ModelInfo(workload.name, sum(p.numel() for p in model.parameters()), has_batchnorm),
+        model=workload.info(model, has_batchnorm),
         parameter_bytes=parameter_bytes,
         gradient_bytes=trainable_bytes if train else 0,
         optimizer_state_bytes=state,
         optimizer_state_measured=measured,
         bucket_bytes=bucket_bytes,
         leaked_bytes=runner.leaked_bytes,
-        gathered_bytes=gathered_bytes(model),
+        gathered_bytes=gathered_bytes(model, fsdp_units(model)),
     )
 
 

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import replace
-from pathlib import Path
 from typing import Iterator
 
 from bsplan.backends.fake import FakeDevice
 from bsplan.measure.attribution import compose_peak
-from bsplan.measure.oom import first_line
 from bsplan.measure.options import ProbeOptions, Progress
 from bsplan.measure.probe import run_probe
+from bsplan.models.source import SourceLike
 from bsplan.planning.choices import ProbeStrategy, RunPrecision
-from bsplan.planning.errors import BadInput
+from bsplan.planning.errors import BadInput, first_line
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement
 from bsplan.planning.results import PeakComposition, ProbeResult, Trial
@@ -28,7 +27,7 @@ from bsplan.planning.strategies import SINGLE, Layout
 from bsplan.planning.units import format_bytes
 
 
-def trace(model_file: Path, options: EstimateOptions, budget_bytes: int,
+def trace(model_source: SourceLike, options: EstimateOptions, budget_bytes: int,
           progress: Progress) -> tuple[Measurement, ProbeResult, PeakComposition | None]:
     """The probe's search traced against a budget: its exact answer, the measurement (the model, its
     breakdown, the line through the traced trials) that the prediction rests on, and what the
@@ -46,7 +45,7 @@ def trace(model_file: Path, options: EstimateOptions, budget_bytes: int,
         strategy=traced_layout.strategy, nproc=traced_layout.world_size, bucket_view=traced_layout.bucket_view,
     )
     with _fake_group(traced_layout.world_size):
-        return _trace(model_file, probe_options, budget_bytes, progress, traced_layout)
+        return _trace(model_source, probe_options, budget_bytes, progress, traced_layout)
 
 
 @contextlib.contextmanager
@@ -66,9 +65,9 @@ def _fake_group(world_size: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _trace(model_file: Path, probe_options: ProbeOptions, budget_bytes: int, progress: Progress,
+def _trace(model_source: SourceLike, probe_options: ProbeOptions, budget_bytes: int, progress: Progress,
            layout: Layout) -> tuple[Measurement, ProbeResult, PeakComposition | None]:
-    result = run_probe(model_file, probe_options, _Untimed(progress), backend=FakeDevice(budget_bytes, f"{model_file} traced"))
+    result = run_probe(model_source, probe_options, _Untimed(progress), backend=FakeDevice(budget_bytes, f"{model_source} traced"))
     trials = tuple(_untimed(trial) for trial in result.trials)
     notes = (f"traced with fake tensors: the probe's search found max_batch {result.max_batch} under the counted budget "
              f"of {budget_bytes} bytes",)
@@ -78,11 +77,11 @@ def _trace(model_file: Path, probe_options: ProbeOptions, budget_bytes: int, pro
         progress.note(f"fewer than two batches fit whole in {format_bytes(budget_bytes)}: tracing batches 1 and {LINE_BATCH} "
                       "without a budget for the line of peak over batch")
         unbounded = replace(probe_options, memory_limit=UNBOUNDED, max_batch=LINE_BATCH)
-        free = run_probe(model_file, unbounded, _Untimed(progress), backend=FakeDevice(UNBOUNDED, f"{model_file} traced"))
+        free = run_probe(model_source, unbounded, _Untimed(progress), backend=FakeDevice(UNBOUNDED, f"{model_source} traced"))
         line_trials = tuple(_untimed(trial) for trial in free.trials)
         line = fit_top([trial.point for trial in line_trials if trial.point is not None])
         if line is None:
-            raise BadInput(f"{model_file} traced no line of peak over batch: batches 1 and {LINE_BATCH} did not both fit")
+            raise BadInput(f"{model_source} traced no line of peak over batch: batches 1 and {LINE_BATCH} did not both fit")
         trials, breakdown = trials + line_trials, free.breakdown
         notes += (f"batches 1 and {LINE_BATCH} traced without a budget: the line of peak over batch",)
     breakdown = replace(breakdown, activation_bytes_per_sample=line.per_sample_bytes)
@@ -90,7 +89,7 @@ def _trace(model_file: Path, probe_options: ProbeOptions, budget_bytes: int, pro
     if result.max_batch is not None and layout == SINGLE:
         progress.note(f"tracing batch {result.max_batch} once more to see what the tensors at its peak are")
         try:
-            composition = compose_peak(model_file, probe_options, result.max_batch, budget_bytes)
+            composition = compose_peak(model_source, probe_options, result.max_batch, budget_bytes)
         except Exception as error:  # noqa: BLE001 - the answer stands without its composition
             notes += (f"what the tensors at the peak are could not be traced ({first_line(error)})",)
     return Measurement(result.model, breakdown, line, trials, notes, traced=True, layout=layout), result, composition

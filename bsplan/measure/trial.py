@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 
 from bsplan.backends.device import Device
-from bsplan.measure.oom import Failure, classify, first_line
+from bsplan.measure.oom import Failure, classify
 from bsplan.measure.workload import Workload, user_error
-from bsplan.planning.errors import BsplanError
+from bsplan.planning.errors import BsplanError, first_line
 from bsplan.planning.results import Trial
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,6 +1,7 @@
-"""Loads a user's model file (docs/model-file.md) into a Workload: what a probe trial runs.
+"""Loads a model source (a model file, docs/model-file.md; a Hugging Face config or a factory,
+docs/sources.md) into a Workload: what a probe trial runs.
 
-The file is executed as a module, like pytest runs a test file, with its folder on sys.path so it
+A file is executed as a module, like pytest runs a test file, with its folder on sys.path so it
 can import its neighbours. Everything the user wrote is called through here, so a failure in
 their code is reported as theirs, with their traceback, and never mistaken for out-of-memory.
 """
@@ -8,17 +9,21 @@ their code is reported as theirs, with their traceback, and never mistaken for o
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any, Callable
 
 import torch
 
-from bsplan.measure.oom import Failure, classify, first_line
-from bsplan.planning.errors import BadInput, UserCodeError
+from bsplan.measure.oom import Failure, classify
+from bsplan.models import knobs
+from bsplan.models.source import ModelSource, SourceKind
+from bsplan.planning.errors import BadInput, UserCodeError, first_line
+from bsplan.planning.results import ModelInfo
 
 Batch = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
 _BSPLAN_DIR = str(Path(__file__).resolve().parent.parent)  # the package, every layer of it
@@ -39,14 +44,30 @@ def user_error(what: str, error: BaseException) -> UserCodeError:
 
 @dataclass(frozen=True)
 class Workload:
-    """The model file's functions, with the defaults docs/model-file.md gives for the optional ones."""
+    """The model's functions (a model file's, or those made for a source), with the defaults
+    docs/model-file.md gives for the optional ones, and the source's knobs applied."""
 
-    path: Path
-    module: ModuleType
+    source: ModelSource
+    module: ModuleType | SimpleNamespace
 
     @property
     def name(self) -> str:
-        return str(self.path)
+        return self.source.text
+
+    @property
+    def seq_len(self) -> int | None:
+        """Tokens per sample: --seq-len, or the length a Hugging Face config's batch is made at."""
+        return self.source.seq_len or getattr(self.module, "seq_len", None)
+
+    def info(self, model: torch.nn.Module, has_batchnorm: bool) -> ModelInfo:
+        """The model as a result describes it (its local shard's parameters under FSDP count whole)."""
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        settings = self.source.settings()
+        task = getattr(self.module, "task", None)
+        if task is not None:
+            settings = {"task": task.value, **settings}
+        return ModelInfo(self.name, total, has_batchnorm, self.seq_len, None if trainable == total else trainable, settings)
 
     def _function(self, name: str) -> Callable[..., Any] | None:
         return getattr(self.module, name, None)
@@ -60,11 +81,13 @@ class Workload:
             raise user_error(f"build_model() in {self.name}", error) from None
         if not isinstance(model, torch.nn.Module):
             raise BadInput(f"build_model() in {self.name} returned {type(model).__name__}, not a torch.nn.Module")
-        return model
+        return knobs.apply(model, self.source)
 
     def make_batch(self, batch_size: int, device: torch.device) -> Batch:
         """The user's batch, checked and moved to the device (the copy counts, as on a real run)."""
-        batch = self._function("make_batch")(batch_size)  # type: ignore[misc]
+        make = self._function("make_batch")
+        takes_length = self.source.kind is SourceKind.file and self.source.seq_len is not None
+        batch = make(batch_size, self.source.seq_len) if takes_length else make(batch_size)  # type: ignore[misc]
         if not _is_batch(batch):
             raise BadInput(
                 f"make_batch({batch_size}) in {self.name} returned {type(batch).__name__}: "
@@ -92,9 +115,25 @@ class Workload:
         return optimizer
 
 
-def load_workload(path: Path) -> Workload:
+def load_workload(source: ModelSource | Path | str) -> Workload:
+    """The workload of a source: a model file imported and checked, or the functions made for a
+    Hugging Face config or a factory."""
+    source = source if isinstance(source, ModelSource) else ModelSource(str(source))
+    if source.kind is SourceKind.hf:
+        from bsplan.models import huggingface
+
+        return Workload(source, huggingface.functions(source))
+    if source.kind is SourceKind.factory:
+        from bsplan.models import factory
+
+        return Workload(source, factory.functions(source))
+    module = _import_file(source.path)
+    _check_length_argument(module, source)
+    return Workload(source, module)
+
+
+def _import_file(path: Path) -> ModuleType:
     """Import the model file and check that it defines what a probe needs."""
-    path = Path(path)
     if not path.is_file():
         raise BadInput(f"model file {path} does not exist" if not path.exists() else f"{path} is not a file")
     folder = str(path.resolve().parent)
@@ -114,7 +153,23 @@ def load_workload(path: Path) -> Workload:
     for name in ("compute_loss", "build_optimizer", "shard_model"):
         if hasattr(module, name) and not callable(getattr(module, name)):
             raise BadInput(f"{name} in {path} is not a function")
-    return Workload(path, module)
+    return module
+
+
+def _check_length_argument(module: ModuleType, source: ModelSource) -> None:
+    """make_batch(batch_size, seq_len) takes --seq-len; make_batch(batch_size) cannot."""
+    try:
+        parameters = list(inspect.signature(module.make_batch).parameters.values())
+    except (TypeError, ValueError):
+        return  # a builtin or a C function: called as given
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_two = len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+    required_two = len([p for p in positional if p.default is p.empty]) >= 2
+    if source.seq_len is not None and not takes_two:
+        raise BadInput(f"--seq-len needs make_batch(batch_size, seq_len) in {source.path}: its make_batch takes only the "
+                       "batch size (docs/model-file.md)")
+    if source.seq_len is None and required_two:
+        raise BadInput(f"make_batch in {source.path} takes a sequence length: give --seq-len")
 
 
 def default_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -25,15 +25,15 @@ import socket
 import time
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Any
 
 from bsplan.backends import cuda
 from bsplan.backends.host import oom_kills
-from bsplan.measure.options import ProbeOptions
 from bsplan.measure import template
+from bsplan.measure.options import ProbeOptions
 from bsplan.measure.rank import rank_main
 from bsplan.measure.sources import Static, latest_static
+from bsplan.models.source import SourceLike
 from bsplan.planning.errors import BadInput, BsplanError, NoFit, UserCodeError
 from bsplan.planning.results import DeviceInfo, Trial
 
@@ -42,11 +42,11 @@ class World:
     """The ranks of a strategy probe, or the one restarted trial process of a probe without one,
     driven by the parent; a TrialSource (measure/sources.py) for run_probe."""
 
-    def __init__(self, model_file: Path, options: ProbeOptions, why_restart: str | None = None) -> None:
+    def __init__(self, model_source: SourceLike, options: ProbeOptions, why_restart: str | None = None) -> None:
         device = options.device or ("cuda" if cuda.available() else "cpu")
         if device.startswith("cuda") and options.nproc > cuda.device_count():
             raise BadInput(f"--nproc {options.nproc} needs as many CUDA devices; this machine has {cuda.device_count()}")
-        self.model_file, self.options = model_file, replace(options, device="cuda" if device.startswith("cuda") else "cpu")
+        self.model_source, self.options = model_source, replace(options, device="cuda" if device.startswith("cuda") else "cpu")
         self.trials: list[Trial] = []
         self.notes: list[str] = []
         self._ranks: list[tuple[Any, Connection]] = []
@@ -105,7 +105,7 @@ class World:
         for rank in range(self.options.nproc):
             ours, theirs = context.Pipe()
             process = context.Process(
-                target=rank_main, args=(rank, port, self.model_file, self.options, theirs, place), daemon=True,
+                target=rank_main, args=(rank, port, self.model_source, self.options, theirs, place), daemon=True,
                 name=f"bsplan-rank-{rank}",
             )
             process.start()

@@ -35,3 +35,8 @@ class NoFit(BsplanError):
     """Not even the model fits on the device, before any batch (exit 3, as when no batch fits)."""
 
     exit_code = 3
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line, short enough for a table and a JSON field."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

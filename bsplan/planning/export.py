@@ -79,12 +79,14 @@ def hf_training_arguments(plan: Plan) -> Export:
         arguments["learning_rate"] = plan.learning_rate.value
     if plan.warmup is not None and plan.warmup.steps is not None:
         arguments["warmup_steps"] = plan.warmup.steps
+    if _settings(plan).get("gradient_checkpointing"):
+        arguments["gradient_checkpointing"] = True
     notes = [f"the Trainer takes the device count from its launcher: run it as torchrun {_torchrun_args(plan)} train.py"]
     if plan.strategy == "fsdp":  # Accelerate's FSDP plugin under the Trainer: full_shard is ZeRO-3's sharding
         arguments["fsdp"] = "full_shard auto_wrap"
         arguments["fsdp_config"] = {"fsdp_version": 2}
-        notes.append("auto_wrap makes each of the model's _no_split_modules (its transformer layers) a unit; "
-                     "`bsplan probe --strategy fsdp` makes one of every module that holds parameters")
+        notes.append("auto_wrap makes each of the model's _no_split_modules (its transformer layers) a unit, as "
+                     "`bsplan probe --strategy fsdp` does")
     elif plan.strategy.startswith("zero"):  # the Trainer fills DeepSpeed's "auto" values from its own arguments
         arguments["deepspeed"] = {"zero_optimization": {"stage": _ZERO_STAGE[plan.strategy]}, "train_batch_size": "auto",
                                   "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
@@ -151,8 +153,25 @@ _EXPORTERS: dict[ExportFormat, Callable[[Plan], Export]] = {
 }
 
 
+def _settings(plan: Plan) -> dict[str, Any]:
+    """The knobs the limit was measured with (the saved probe's model settings)."""
+    return plan.limit.probe.settings if plan.limit.probe is not None else {}
+
+
+def _settings_notes(plan: Plan, tool: str) -> list[str]:
+    """A limit measured with checkpointing or LoRA holds only where training runs them too."""
+    settings, notes = _settings(plan), []
+    if settings.get("gradient_checkpointing") and tool != "hf":
+        notes.append("the per-device limit assumes gradient checkpointing: enable it in the model "
+                     "(a Hugging Face model's gradient_checkpointing_enable())")
+    if settings.get("lora"):
+        notes.append(f"the per-device limit assumes LoRA {settings['lora']}: wrap the model with peft's "
+                     "get_peft_model(model, LoraConfig(...)) before training")
+    return notes
+
+
 def export_plan(plan: Plan, fmt: str) -> Export:
     """The plan in one of the ExportFormat choices."""
     fmt = ExportFormat.parse(fmt, "--format")
     export = _EXPORTERS[fmt](plan)
-    return replace(export, notes=export.notes + tuple(_bucket_view_notes(plan, fmt)))
+    return replace(export, notes=export.notes + tuple(_bucket_view_notes(plan, fmt) + _settings_notes(plan, fmt)))

@@ -24,9 +24,9 @@ class NothingFits(BadInput):
 def saved_probe(options: PlanOptions, cwd: Path) -> SavedProbe | None:
     """The probe named by --from; else the last one saved in cwd, read only when no --max-micro gives
     the limit, so a stale probe cannot override it."""
-    probe = None if options.probe_file is None else load_probe(options.probe_file)
+    probe = None if options.probe_file is None else load_probe(options.probe_file, options.seq_len)
     if probe is None and options.max_micro is None and (cwd / LAST_PROBE).is_file():
-        probe = load_probe(cwd / LAST_PROBE)
+        probe = load_probe(cwd / LAST_PROBE, options.seq_len)
     return probe
 
 

@@ -16,6 +16,7 @@ from bsplan.planning.errors import BadInput
 from bsplan.planning.record import Record
 from bsplan.planning.saved import SavedProbe
 from bsplan.planning.scaling import LearningRate, Schedule, Warmup
+from bsplan.planning.units import parse_count
 
 PLAN_SCHEMA = "bsplan.plan/1"
 
@@ -45,6 +46,33 @@ class PlanOptions:
     gpu: str | None = None  # a catalogue GPU: the limit is estimated for it from the probe's memory line
     strategy: PlanStrategy = PlanStrategy.none  # type: ignore[valid-type, attr-defined]  # recompute the limit for it; auto: compare them all
     bucket_view: bool = False  # DDP's gradient_as_bucket_view
+    seq_len: int | None = None  # tokens per sample: --target-tokens and --dataset-tokens in samples, and a sweep's row
+    target_tokens: int | None = None  # the global batch as asked in tokens (global_batch is it in samples)
+    dataset_tokens: int | None = None  # the dataset as given in tokens (dataset_size is it in samples)
+
+    @classmethod
+    def from_cli(
+        cls, *, target: int | None, target_tokens: str | int | None = None, seq_len: int | None = None,
+        dataset_size: int | None = None, dataset_tokens: str | int | None = None, **rest: Any,
+    ) -> PlanOptions:
+        """The options of `bsplan plan`, with the global batch (and the dataset) given in samples or in
+        tokens; tokens become whole samples of --seq-len here, so everything after plans in samples."""
+        if (target is None) == (target_tokens is None):
+            raise BadInput("give the global batch once: --target in samples, or --target-tokens in tokens with --seq-len")
+        if dataset_size is not None and dataset_tokens is not None:
+            raise BadInput("give the dataset once: --dataset-size in samples or --dataset-tokens in tokens, not both")
+        tokens = None if target_tokens is None else parse_count(target_tokens, "--target-tokens")
+        data_tokens = None if dataset_tokens is None else parse_count(dataset_tokens, "--dataset-tokens")
+        checks.at_least("--seq-len", seq_len)
+        for option, given in (("--target-tokens", tokens), ("--dataset-tokens", data_tokens)):
+            if given is not None and seq_len is None:
+                raise BadInput(f"{option} needs --seq-len, the tokens in one sample, to count it in samples")
+        if tokens is not None and seq_len is not None:
+            target = max(1, tokens // seq_len)  # whole samples; make_plan notes the tokens per step this gives
+        if data_tokens is not None and seq_len is not None:
+            dataset_size = -(-data_tokens // seq_len)  # a last partial sample is a sample, as a last partial batch is a step
+        assert target is not None
+        return cls(target, seq_len=seq_len, target_tokens=tokens, dataset_size=dataset_size, dataset_tokens=data_tokens, **rest)
 
     def __post_init__(self) -> None:
         """Each choice made a member and each bad option refused with one sentence, before anything is computed."""
@@ -54,7 +82,8 @@ class PlanOptions:
         for option, value in (
             ("--target", self.global_batch), ("--gpus", self.gpus_per_node), ("--nodes", self.nodes),
             ("--max-micro", self.max_micro), ("--multiple-of", self.multiple_of), ("--base-batch", self.base_batch),
-            ("--dataset-size", self.dataset_size),
+            ("--dataset-size", self.dataset_size), ("--seq-len", self.seq_len), ("--target-tokens", self.target_tokens),
+            ("--dataset-tokens", self.dataset_tokens),
         ):
             checks.at_least(option, value)
         checks.positive("--base-lr", self.base_lr)
@@ -65,7 +94,9 @@ class PlanOptions:
             raise BadInput(f"--beta2 must lie between 0 and 1, not {self.beta2}")
         self._check_warmup()
         if self.epochs is not None and self.dataset_size is None:
-            raise BadInput("--epochs needs --dataset-size to count the optimizer steps")
+            raise BadInput("--epochs needs --dataset-size (or --dataset-tokens) to count the optimizer steps")
+        if (self.target_tokens is not None or self.dataset_tokens is not None) and self.seq_len is None:
+            raise BadInput("--target-tokens and --dataset-tokens need --seq-len, the tokens in one sample")
         if self.gpu is not None and self.max_micro is not None:
             raise BadInput("--gpu estimates the limit from a probe and --max-micro gives it: give one of them")
         if self.strategy != "none" and self.max_micro is not None:
@@ -148,10 +179,17 @@ class Plan(Record):
     strategy: Strategy = Strategy.none  # --strategy, or the one --strategy auto recommends
     strategies: tuple[StrategyOption, ...] = ()  # with --strategy auto: every strategy, simplest first
     bucket_view: bool = False  # the limit assumes DDP's gradient_as_bucket_view (--bucket-view, or the probe ran so)
+    seq_len: int | None = None  # --seq-len: tokens per sample
+    target_tokens: int | None = None  # --target-tokens, as asked; global_batch is the whole samples it makes
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def tokens_per_step(self) -> int | None:
+        """What the optimizer step sees in tokens: the global batch in whole samples of --seq-len."""
+        return None if self.seq_len is None else self.global_batch * self.seq_len
 
     @property
     def micro_batch(self) -> int:
@@ -188,4 +226,7 @@ class Plan(Record):
             "bucket_view": self.bucket_view,
             "warnings": [warning.to_dict() for warning in self.warnings],
             "notes": list(self.notes),
+            "seq_len": self.seq_len,
+            "target_tokens": self.target_tokens,
+            "tokens_per_step": self.tokens_per_step,
         }

@@ -12,6 +12,7 @@ from bsplan.planning.advice import BATCHNORM_MIN_MICRO, batchnorm_source, plan_w
 from bsplan.planning.choices import Strategy
 from bsplan.planning.comparison import choose_strategy
 from bsplan.planning.decomposition import decompose
+from bsplan.planning.errors import BadInput
 from bsplan.planning.limit import resolve_limit
 from bsplan.planning.plan import Limit, Plan, PlanOptions, StrategyOption
 from bsplan.planning.scaling import Schedule, choose_warmup, scale_learning_rate
@@ -26,10 +27,17 @@ def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
         limit, notes = resolve_limit(options, cwd)
     probe = limit.probe
     world = options.world_size
-    decomposition = decompose(
-        options.global_batch, world, limit.micro_batch, options.multiple_of, () if probe is None else probe.throughput,
-        BATCHNORM_MIN_MICRO if batchnorm_source(options, probe) else 1,
-    )
+    notes[:0] = _token_notes(options, probe is not None and probe.seq_len is None)
+    try:
+        decomposition = decompose(
+            options.global_batch, world, limit.micro_batch, options.multiple_of, () if probe is None else probe.throughput,
+            BATCHNORM_MIN_MICRO if batchnorm_source(options, probe) else 1,
+        )
+    except BadInput as error:
+        if options.target_tokens is None:
+            raise
+        raise BadInput(f"--target-tokens {options.target_tokens:,} is {options.global_batch} samples of --seq-len "
+                       f"{options.seq_len}, and {error}") from None
     learning_rate = None
     if options.base_lr is not None and options.base_batch is not None:
         learning_rate = scale_learning_rate(
@@ -51,9 +59,30 @@ def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
         multiple_of=options.multiple_of, choice=decomposition.choice, alternatives=decomposition.alternatives,
         chosen_by=decomposition.chosen_by, limit=limit, optimizer=options.optimizer, learning_rate=learning_rate,
         warmup=warmup, schedule=schedule, notes=tuple(notes), strategy=limit.strategy or Strategy(options.strategy),
-        strategies=strategies, bucket_view=_bucket_view(limit, options),
+        strategies=strategies, bucket_view=_bucket_view(limit, options), seq_len=options.seq_len,
+        target_tokens=options.target_tokens,
     )
     return replace(plan, warnings=tuple(plan_warnings(plan, options)))
+
+
+def _token_notes(options: PlanOptions, probe_without_length: bool) -> list[str]:
+    """The plan in tokens, said where tokens were asked: what --target-tokens and --dataset-tokens
+    became in whole samples, and a probe that did not record the length it ran at."""
+    if options.seq_len is None:
+        return []
+    length, tokens = options.seq_len, options.global_batch * options.seq_len
+    notes = []
+    if options.target_tokens is not None and options.target_tokens != tokens:
+        notes.append(f"--target-tokens {options.target_tokens:,} is not a whole number of samples of --seq-len {length}: the plan "
+                     f"takes {options.global_batch} samples, exactly {tokens:,} tokens per optimizer step")
+    else:
+        notes.append(f"in tokens: {options.global_batch} samples x {length} = {tokens:,} tokens per optimizer step")
+    if options.dataset_tokens is not None and options.dataset_size is not None:
+        partial = " (the last one partial)" if options.dataset_tokens % length else ""
+        notes.append(f"--dataset-tokens {options.dataset_tokens:,} are {options.dataset_size:,} samples of {length} tokens{partial}")
+    if probe_without_length:
+        notes.append(f"the probe records no sequence length: its limit is taken to hold at --seq-len {length}")
+    return notes
 
 
 def _bucket_view(limit: Limit, options: PlanOptions) -> bool:

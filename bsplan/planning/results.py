@@ -7,7 +7,7 @@ with a new SCHEMA version (docs/json.md lists them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from bsplan.planning.record import Record
 from bsplan.planning.strategies import DeviceStates
 
 PROBE_SCHEMA = "bsplan.probe/1"
+SWEEP_SCHEMA = "bsplan.sweep/1"  # a probe or an estimate at each of several sequence lengths
 # Where `bsplan probe` saves its result for `bsplan plan` (relative to the working directory).
 LAST_PROBE = Path(".bsplan") / "last-probe.json"
 # Throughputs within 5% count as the same (a probe times only a few steps per batch): the probe's
@@ -78,9 +79,12 @@ class Breakdown(Record):
 
 @dataclass(frozen=True)
 class ModelInfo(Record):
-    file: str
+    file: str  # the source as given: a model file, hf:CONFIG or MODULE:CALLABLE
     parameters: int
     has_batchnorm: bool
+    seq_len: int | None = None  # tokens per sample, where the source has a sequence length
+    trainable_parameters: int | None = None  # those that train (fewer under LoRA); None: all of them
+    settings: dict[str, Any] = field(default_factory=dict)  # the knobs asked (task, lora, gradient_checkpointing, attn)
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class ProbeResult(Record):
     def document(self) -> dict[str, Any]:
         data = super().document()
         data["breakdown"]["static_bytes"] = self.breakdown.static_bytes
+        data["seq_len"] = self.model.seq_len
         return data
 
 
@@ -172,6 +177,7 @@ class EstimateResult(Record):
         data = super().document()
         data["breakdown"]["static_bytes"] = self.breakdown.static_bytes
         data["overheads"] = self.overheads.to_dict()
+        data["seq_len"] = self.model.seq_len
         if self.per_device is not None:
             data["per_device"] = self.per_device.to_dict()
             data.update({key: data["per_device"][key] for key in ("strategy", "world_size", "bucket_view", "static_bytes")})
@@ -210,4 +216,69 @@ class StatesEstimate(Record):
             "device": None if self.device is None else self.device.to_dict(),
             "overheads": self.overheads.to_dict(), "headroom": self.headroom, "max_batch": self.max_batch,
             "recommended_batch": self.recommended_batch, "peak_bytes": self.peak_bytes, "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class SweepRow(Record):
+    """One sequence length of a sweep: its probe's or estimate's answer in samples and in tokens."""
+
+    seq_len: int
+    result: ProbeResult | EstimateResult
+
+    @property
+    def max_tokens(self) -> int | None:
+        return None if self.result.max_batch is None else self.result.max_batch * self.seq_len
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Measured at max_batch by a probe; an estimate times nothing."""
+        rates = [t.samples_per_second for t in self.result.trials if t.fits and t.batch == self.result.max_batch]
+        rate = next((r for r in rates if r is not None), None) if not isinstance(self.result, EstimateResult) else None
+        return None if rate is None else rate * self.seq_len
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "seq_len": self.seq_len, "max_batch": self.result.max_batch, "max_tokens": self.max_tokens,
+            "recommended_batch": self.result.recommended_batch, "peak_bytes": self.result.peak_bytes,
+            "tokens_per_second": self.tokens_per_second, "result": self.result.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class TokenBudget(Record):
+    """The most tokens a micro-batch of any of the lengths may hold: the smallest max_tokens over the
+    lengths, and the length that sets it (for length-bucketed and token-budget samplers)."""
+
+    tokens: int
+    seq_len: int
+
+
+@dataclass(frozen=True)
+class SweepResult(Record):
+    """A probe or an estimate at each of several sequence lengths (`--seq-len 512,1024,2048`)."""
+
+    command: str  # "probe" or "estimate"
+    rows: tuple[SweepRow, ...]
+    interrupted: bool = False
+    schema: str = SWEEP_SCHEMA
+
+    @property
+    def model(self) -> ModelInfo:
+        return self.rows[0].result.model
+
+    @property
+    def token_budget(self) -> TokenBudget | None:
+        """None where some length fits no batch at all: no budget holds a sample of it."""
+        if not self.rows or any(row.max_tokens is None for row in self.rows):
+            return None
+        row = min(self.rows, key=lambda row: (row.max_tokens, -row.seq_len))
+        return TokenBudget(row.max_tokens, row.seq_len)  # type: ignore[arg-type]
+
+    def document(self) -> dict[str, Any]:
+        budget = self.token_budget
+        return {
+            "schema": self.schema, "command": self.command, "model": self.model.to_dict(),
+            "sweep": [row.to_dict() for row in self.rows],
+            "token_budget": None if budget is None else budget.to_dict(), "interrupted": self.interrupted,
         }

@@ -3,20 +3,22 @@
 `bsplan probe` saves its result (ProbeResult.to_dict(), docs/json.md) at results.LAST_PROBE in the working
 directory, which lets `bsplan probe model.py` then `bsplan plan --target 1024 --gpus 4` work with no
 file named; `--from FILE` reads any other saved probe (`bsplan probe --output FILE`) or a saved
-estimate (`bsplan estimate --output FILE`, docs/estimate.md).
+estimate (`bsplan estimate --output FILE`, docs/estimate.md). A sweep over sequence lengths (`probe
+--seq-len 512,1024`, schema bsplan.sweep/1) holds one such document per length: the plan reads the
+one at its --seq-len.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bsplan.planning.choices import Strategy
 from bsplan.planning.errors import BadInput
 from bsplan.planning.memory_line import MemoryLine, fit_top
-from bsplan.planning.results import ESTIMATE_SCHEMA, PROBE_SCHEMA
+from bsplan.planning.results import ESTIMATE_SCHEMA, PROBE_SCHEMA, SWEEP_SCHEMA
 from bsplan.planning.strategies import SHARDED_PARAMETERS, SINGLE, Layout, ModelStates
 
 
@@ -41,13 +43,16 @@ class SavedProbe:
     layout: Layout = SINGLE  # what memory and the limits are per device under (a strategy probe or estimate)
     step_budget_bytes: int = 0  # what the limits left for a step on its device: its memory less CUDA overheads
     states: ModelStates | None = None  # one whole replica's model states, for `plan --strategy`
+    settings: dict[str, Any] = field(default_factory=dict)  # the knobs the model was measured with (docs/sources.md)
+    seq_len: int | None = None  # the tokens per sample it ran at; None: not recorded, or a model without one
 
     def to_dict(self) -> dict[str, str]:
         return {"file": self.path, "model": self.model_file, "device": self.device}
 
     def describe(self) -> str:
         where = "for" if self.kind == "estimate" else "on"
-        return f"the {self.kind} of {self.model_file} {where} {self.device} in {self.path}"
+        length = "" if self.seq_len is None else f" at sequence length {self.seq_len}"
+        return f"the {self.kind} of {self.model_file} {where} {self.device}{length} in {self.path}"
 
     @classmethod
     def from_dict(cls, path: str, data: dict[str, Any]) -> SavedProbe:
@@ -79,11 +84,15 @@ class SavedProbe:
             layout=layout,
             step_budget_bytes=int(data["device"]["total_bytes"]) - int(data.get("overheads", {}).get("total_bytes", 0)),
             states=_replica_states(data["breakdown"], layout, sharded=not estimated),
+            settings=dict(data["model"].get("settings") or {}),
+            seq_len=_optional_int(data.get("seq_len")),
         )
 
 
-def load_probe(path: Path) -> SavedProbe:
-    """Read a saved probe; a missing, unreadable or foreign file is refused with one sentence."""
+def load_probe(path: Path, seq_len: int | None = None) -> SavedProbe:
+    """Read a saved probe or estimate, or a sweep's row at seq_len; a missing, unreadable or foreign
+    file is refused with one sentence, and so is a limit measured at another sequence length than
+    seq_len (memory grows with it, so that limit would not hold)."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -93,12 +102,34 @@ def load_probe(path: Path) -> SavedProbe:
     except json.JSONDecodeError as error:
         raise BadInput(f"{path} is not JSON ({error.msg} at line {error.lineno}), so not a saved bsplan probe") from None
     schema = data.get("schema") if isinstance(data, dict) else None
-    if schema not in (PROBE_SCHEMA, ESTIMATE_SCHEMA):
-        raise BadInput(f"{path} is not a {PROBE_SCHEMA} probe result or {ESTIMATE_SCHEMA} estimate (its schema is {schema!r})")
+    if schema not in (PROBE_SCHEMA, ESTIMATE_SCHEMA, SWEEP_SCHEMA):
+        raise BadInput(f"{path} is not a {PROBE_SCHEMA} probe result, {ESTIMATE_SCHEMA} estimate or {SWEEP_SCHEMA} sweep "
+                       f"(its schema is {schema!r})")
     try:
-        return SavedProbe.from_dict(str(path), data)
-    except (KeyError, TypeError, ValueError) as error:
+        if schema == SWEEP_SCHEMA:
+            return _sweep_row(path, data, seq_len)
+        probe = SavedProbe.from_dict(str(path), data)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise BadInput(f"{path} is a damaged probe result ({type(error).__name__}: {error})") from None
+    if seq_len is not None and probe.seq_len is not None and probe.seq_len != seq_len:
+        raise BadInput(f"{path} was measured at sequence length {probe.seq_len}, not --seq-len {seq_len}, and its limit does not "
+                       f"hold at another length: probe at {seq_len}, or sweep both with --seq-len {probe.seq_len},{seq_len}")
+    return probe
+
+
+def _sweep_row(path: Path, data: dict[str, Any], seq_len: int | None) -> SavedProbe:
+    """The probe or estimate a sweep holds at seq_len; without it, or at a length not swept, one
+    sentence that lists the lengths it has."""
+    rows = {int(row["seq_len"]): row for row in data["sweep"]}
+    lengths = ", ".join(str(length) for length in sorted(rows))
+    if seq_len is None:
+        raise BadInput(f"{path} is a sweep over sequence lengths {lengths}: give --seq-len with one of them to plan at that length")
+    if seq_len not in rows:
+        raise BadInput(f"{path} has no result at --seq-len {seq_len}: its sequence lengths are {lengths}")
+    result = rows[seq_len].get("result")
+    if not isinstance(result, dict) or result.get("schema") not in (PROBE_SCHEMA, ESTIMATE_SCHEMA):
+        raise BadInput(f"{path} holds no {PROBE_SCHEMA} probe result or {ESTIMATE_SCHEMA} estimate at sequence length {seq_len}")
+    return replace(SavedProbe.from_dict(str(path), result), seq_len=seq_len)
 
 
 def _layout(data: dict[str, Any]) -> Layout:

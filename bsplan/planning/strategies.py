@@ -135,11 +135,21 @@ def per_device_line(line: MemoryLine, states: ModelStates, target: Layout, measu
     return MemoryLine(base, line.per_sample_bytes)
 
 
-def gathered_bytes(model: Any) -> int:
-    """What FSDP holds unsharded at once when each module holding parameters directly is a unit, as
-    `bsplan probe --strategy fsdp` wraps them: the root's unit (FSDP2 keeps it gathered from forward
-    to backward) and UNITS_IN_FLIGHT of the largest other. Duck-typed on torch.nn.Module, so this
-    module needs no torch."""
-    units = {module: sum(p.numel() * p.element_size() for p in module.parameters(recurse=False)) for module in model.modules()}
-    root = units.pop(model)
-    return root + UNITS_IN_FLIGHT * max(units.values(), default=0)
+def gathered_bytes(model: Any, units: list[Any]) -> int:
+    """What FSDP holds unsharded at once with these units (children before parents, as
+    models/blocks.py fsdp_units gives them; each parameter in its innermost unit, the rest in the
+    root's): the root's unit (FSDP2 keeps it gathered from forward to backward) and UNITS_IN_FLIGHT
+    of the largest other. Duck-typed on torch.nn.Module, so this module needs no torch."""
+    owner: dict[int, int] = {}
+    for index, unit in enumerate(units):
+        for parameter in unit.parameters():
+            owner.setdefault(id(parameter), index)
+    sizes, root = [0] * len(units), 0
+    for parameter in model.parameters():
+        size = parameter.numel() * parameter.element_size()
+        index = owner.get(id(parameter))
+        if index is None:
+            root += size
+        else:
+            sizes[index] += size
+    return root + UNITS_IN_FLIGHT * max(sizes, default=0)

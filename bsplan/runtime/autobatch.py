@@ -21,8 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bsplan.backends import cuda
 from bsplan.backends.host import return_freed_memory
-from bsplan.measure.oom import Failure, classify, first_line
+from bsplan.measure.oom import Failure, classify
 from bsplan.measure.workload import Batch
+from bsplan.planning.errors import first_line
 
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
