@@ -253,3 +253,15 @@ def test_estimate_of_a_config_for_a_gpu_traces_at_a_long_length(workdir: Path) -
     data = run.json()
     assert data["method"] == "trace" and data["seq_len"] == 4096 and data["model"]["settings"]["task"] == "causal-lm"
     assert data["max_batch"] > 0
+
+
+def test_an_optimizer_asked_for_replaces_the_model_file_s() -> None:
+    """AdamW keeps two states per parameter, SGD with momentum one, Adafactor factored rows and columns."""
+    from bsplan.models.source import OPTIMIZERS
+
+    states = {name: _peak(ModelSource("examples/mlp.py", optimizer=name), 8, traced=False).breakdown.optimizer_state_bytes
+              for name in OPTIMIZERS}
+    parameters = _peak(ModelSource("examples/mlp.py"), 8, traced=False).breakdown.parameter_bytes
+    assert states["sgd"] == parameters and states["adamw"] >= 2 * parameters and states["adafactor"] < parameters / 10
+    with pytest.raises(BadInput, match="unknown optimizer"):
+        ModelSource("examples/mlp.py", optimizer="lion")

@@ -108,11 +108,20 @@ class Workload:
         return self._function("shard_model")
 
     def optimizer(self, parameters: Any) -> torch.optim.Optimizer:
+        if self.source.optimizer is not None:  # asked for in place of the file's (bsplan routes)
+            return _OPTIMIZERS[self.source.optimizer](parameters)
         custom = self._function("build_optimizer")
         optimizer = custom(parameters) if custom else torch.optim.AdamW(parameters)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise BadInput(f"build_optimizer() in {self.name} returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
         return optimizer
+
+
+_OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "sgd": lambda parameters: torch.optim.SGD(parameters, lr=0.01, momentum=0.9),
+    "adafactor": lambda parameters: torch.optim.Adafactor(parameters),
+}
 
 
 def load_workload(source: ModelSource | Path | str) -> Workload:

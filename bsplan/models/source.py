@@ -12,6 +12,9 @@ from typing import Union
 from bsplan.planning.errors import BadInput
 
 HF_PREFIX = "hf:"
+# Optimizers a source may be trained with instead of its own (measure/workload.py builds them):
+# torch's AdamW and SGD with momentum 0.9, and Adafactor (factored second moments, no first moment).
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # package.module:function (or Class, or obj.method)
 
 
@@ -60,6 +63,7 @@ class ModelSource:
     gradient_checkpointing: bool = False
     lora: Lora | None = None
     attn: str | None = None  # hf: attn_implementation (sdpa, eager)
+    optimizer: str | None = None  # one of OPTIMIZERS in place of the model file's (None: the file's, else AdamW)
 
     @property
     def kind(self) -> SourceKind:
@@ -85,7 +89,7 @@ class ModelSource:
         """What was asked beyond the source itself, for the result: none of it when left at its default."""
         values = {"task": self.task.value if self.task else None, "target_len": self.target_len,
                   "gradient_checkpointing": self.gradient_checkpointing or None,
-                  "lora": str(self.lora) if self.lora else None, "attn": self.attn}
+                  "lora": str(self.lora) if self.lora else None, "attn": self.attn, "optimizer": self.optimizer}
         return {key: value for key, value in values.items() if value is not None}
 
     def __post_init__(self) -> None:
@@ -107,6 +111,8 @@ class ModelSource:
             raise BadInput("give --input-shape or --vocab, not both: a factory's model takes one input")
         elif self.vocab is not None and self.seq_len is None:
             raise BadInput("--vocab needs --seq-len: the tokens per sample")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise BadInput(f"unknown optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
         for option, value in (("--seq-len", self.seq_len), ("--target-len", self.target_len), ("--vocab", self.vocab),
                               ("--num-classes", self.num_classes)):
             if value is not None and value < 1:
