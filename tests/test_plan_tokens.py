@@ -64,9 +64,11 @@ def test_a_plan_in_samples_keeps_its_fields_and_has_no_tokens() -> None:
     assert data["global_batch"] == 1024 and not any("tokens" in note for note in data["notes"])
 
 
-def test_a_token_target_that_does_not_split_says_the_samples_it_became() -> None:
-    with pytest.raises(BadInput, match=r"--target-tokens 4,000,000 is 976 samples of --seq-len 4096, and cannot split global batch 976"):
-        make_plan(_options(target_tokens="4M", seq_len=4096, gpus_per_node=3, max_micro=16))
+def test_a_token_target_takes_the_whole_samples_that_split_over_the_devices() -> None:
+    plan = make_plan(_options(target_tokens="4M", seq_len=4096, gpus_per_node=3, max_micro=16))
+    assert plan.global_batch == 975 and plan.micro_batch * plan.accumulation_steps * 3 == 975  # 976.56 down to 3 x 325
+    assert any("takes 975 samples, exactly 3,993,600 tokens per optimizer step" in note for note in plan.notes)
+    assert make_plan(_options(target_tokens="1K", seq_len=4096, gpus_per_node=4, max_micro=4)).global_batch == 4
 
 
 @pytest.mark.parametrize(("given", "match"), [

@@ -68,7 +68,10 @@ class PlanOptions:
             if given is not None and seq_len is None:
                 raise BadInput(f"{option} needs --seq-len, the tokens in one sample, to count it in samples")
         if tokens is not None and seq_len is not None:
-            target = max(1, tokens // seq_len)  # whole samples; make_plan notes the tokens per step this gives
+            # Whole samples that split exactly over the devices (a token target is a size, not a count
+            # to keep to the sample): make_plan notes the tokens per step this gives.
+            unit = int(rest.get("gpus_per_node", 1)) * int(rest.get("nodes", 1)) * int(rest.get("multiple_of", 1))
+            target = max(unit, tokens // seq_len // unit * unit)
         if data_tokens is not None and seq_len is not None:
             dataset_size = -(-data_tokens // seq_len)  # a last partial sample is a sample, as a last partial batch is a step
         assert target is not None

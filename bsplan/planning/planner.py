@@ -73,8 +73,8 @@ def _token_notes(options: PlanOptions, probe_without_length: bool) -> list[str]:
     length, tokens = options.seq_len, options.global_batch * options.seq_len
     notes = []
     if options.target_tokens is not None and options.target_tokens != tokens:
-        notes.append(f"--target-tokens {options.target_tokens:,} is not a whole number of samples of --seq-len {length}: the plan "
-                     f"takes {options.global_batch} samples, exactly {tokens:,} tokens per optimizer step")
+        notes.append(f"--target-tokens {options.target_tokens:,} is not a whole number of samples of --seq-len {length} on each "
+                     f"device: the plan takes {options.global_batch} samples, exactly {tokens:,} tokens per optimizer step")
     else:
         notes.append(f"in tokens: {options.global_batch} samples x {length} = {tokens:,} tokens per optimizer step")
     if options.dataset_tokens is not None and options.dataset_size is not None:
