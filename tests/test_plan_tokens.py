@@ -14,7 +14,7 @@ from plan_helpers import probe_data, save_probe
 from bsplan.planning.errors import BadInput
 from bsplan.planning.plan import PlanOptions
 from bsplan.planning.planner import make_plan
-from bsplan.planning.units import parse_count
+from bsplan.planning.units import parse_tokens
 
 
 @pytest.mark.parametrize(("text", "count"), [
@@ -22,7 +22,7 @@ from bsplan.planning.units import parse_count
     ("2G", 2_000_000_000), ("2Gi", 2**31), ("15T", 15 * 10**12), ("1.5M", 1_500_000), ("4096", 4096), (" 4 Mi ", 4_194_304),
 ])
 def test_token_counts_read_si_and_binary_suffixes(text: str, count: int) -> None:
-    assert parse_count(text, "--target-tokens") == count
+    assert parse_tokens(text, "--target-tokens") == count
 
 
 @pytest.mark.parametrize(("text", "match"), [
@@ -32,7 +32,7 @@ def test_token_counts_read_si_and_binary_suffixes(text: str, count: int) -> None
 ])
 def test_bad_token_counts_are_refused_in_one_sentence(text: str, match: str) -> None:
     with pytest.raises(BadInput, match=match):
-        parse_count(text, "--target-tokens")
+        parse_tokens(text, "--target-tokens")
 
 
 def _options(**given: Any) -> PlanOptions:

@@ -16,7 +16,7 @@ from bsplan.planning.errors import BadInput
 from bsplan.planning.record import Record
 from bsplan.planning.saved import SavedProbe
 from bsplan.planning.scaling import LearningRate, Schedule, Warmup
-from bsplan.planning.units import parse_count
+from bsplan.planning.units import parse_tokens
 
 PLAN_SCHEMA = "bsplan.plan/1"
 
@@ -61,8 +61,8 @@ class PlanOptions:
             raise BadInput("give the global batch once: --target in samples, or --target-tokens in tokens with --seq-len")
         if dataset_size is not None and dataset_tokens is not None:
             raise BadInput("give the dataset once: --dataset-size in samples or --dataset-tokens in tokens, not both")
-        tokens = None if target_tokens is None else parse_count(target_tokens, "--target-tokens")
-        data_tokens = None if dataset_tokens is None else parse_count(dataset_tokens, "--dataset-tokens")
+        tokens = None if target_tokens is None else parse_tokens(target_tokens, "--target-tokens")
+        data_tokens = None if dataset_tokens is None else parse_tokens(dataset_tokens, "--dataset-tokens")
         checks.at_least("--seq-len", seq_len)
         for option, given in (("--target-tokens", tokens), ("--dataset-tokens", data_tokens)):
             if given is not None and seq_len is None:

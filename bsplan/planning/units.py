@@ -51,7 +51,7 @@ _COUNT_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki"
 _COUNT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]{0,2})\s*$", re.IGNORECASE)
 
 
-def parse_count(text: str | int, option: str) -> int:
+def parse_tokens(text: str | int, option: str) -> int:
     """A whole count of tokens: 4M is 4,000,000 and 4Mi 4,194,304, so a power-of-two batch can be
     written as one. Decimal arithmetic, so 1.5M is exactly 1,500,000."""
     match = _COUNT.match(str(text))
