@@ -1,9 +1,13 @@
 """bsplan: find the exact largest batch a PyTorch training step fits, and plan global batches.
 
-Kept free of imports: `bsplan plan` and `bsplan --help` must start without loading torch. The
-layers are subpackages (docs/architecture.md): planning (no torch), backends, measure, runtime and
-cli. The library faces: bsplan.measure.probe.run_probe, bsplan.planning.planner.make_plan,
-bsplan.measure.search.find_max_batch, and bsplan.autobatch.AutoBatch.
+`bsplan.probe`, `bsplan.estimate` and `bsplan.plan` run on Python callables (bsplan/api.py,
+docs/api.md); `bsplan.autobatch.AutoBatch` keeps a global batch through an out-of-memory during
+training. Importing bsplan loads no torch: `bsplan plan` and `bsplan --help` start without it. The
+layers are subpackages (docs/architecture.md): planning (no torch), backends, models, measure,
+runtime and cli.
 """
 
+from bsplan.api import estimate, plan, probe
+
 __version__ = "0.1.0"
+__all__ = ["estimate", "plan", "probe"]

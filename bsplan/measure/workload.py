@@ -86,7 +86,7 @@ class Workload:
     def make_batch(self, batch_size: int, device: torch.device) -> Batch:
         """The user's batch, checked and moved to the device (the copy counts, as on a real run)."""
         make = self._function("make_batch")
-        takes_length = self.source.kind is SourceKind.file and self.source.seq_len is not None
+        takes_length = self.source.kind in (SourceKind.file, SourceKind.callables) and self.source.seq_len is not None
         batch = make(batch_size, self.source.seq_len) if takes_length else make(batch_size)  # type: ignore[misc]
         if not _is_batch(batch):
             raise BadInput(
@@ -136,7 +136,8 @@ def load_workload(source: ModelSource | Path | str) -> Workload:
         from bsplan.models import factory
 
         return Workload(source, factory.functions(source))
-    module = _import_file(source.path)
+    given = source.callables
+    module = _import_file(source.path) if given is None else SimpleNamespace(**given.functions())
     _check_length_argument(module, source)
     return Workload(source, module)
 
@@ -165,7 +166,7 @@ def _import_file(path: Path) -> ModuleType:
     return module
 
 
-def _check_length_argument(module: ModuleType, source: ModelSource) -> None:
+def _check_length_argument(module: ModuleType | SimpleNamespace, source: ModelSource) -> None:
     """make_batch(batch_size, seq_len) takes --seq-len; make_batch(batch_size) cannot."""
     try:
         parameters = list(inspect.signature(module.make_batch).parameters.values())
@@ -175,10 +176,10 @@ def _check_length_argument(module: ModuleType, source: ModelSource) -> None:
     takes_two = len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
     required_two = len([p for p in positional if p.default is p.empty]) >= 2
     if source.seq_len is not None and not takes_two:
-        raise BadInput(f"--seq-len needs make_batch(batch_size, seq_len) in {source.path}: its make_batch takes only the "
+        raise BadInput(f"--seq-len needs make_batch(batch_size, seq_len) in {source.text}: its make_batch takes only the "
                        "batch size (docs/model-file.md)")
     if source.seq_len is None and required_two:
-        raise BadInput(f"make_batch in {source.path} takes a sequence length: give --seq-len")
+        raise BadInput(f"make_batch in {source.text} takes a sequence length: give --seq-len")
 
 
 def default_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

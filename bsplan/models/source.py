@@ -4,10 +4,10 @@ each of their trial processes load the same model from (it is picklable)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from enum import Enum
 from pathlib import Path
-from typing import Union
+from typing import Any, Callable, Union
 
 from bsplan.planning.errors import BadInput
 
@@ -22,6 +22,7 @@ class SourceKind(str, Enum):
     file = "file"  # a model file with build_model() and make_batch() (docs/model-file.md)
     hf = "hf"  # a Hugging Face config, built randomly initialised (docs/sources.md)
     factory = "factory"  # MODULE:CALLABLE returning an nn.Module, its input described by options
+    callables = "callables"  # Python functions given to bsplan.probe(...) (docs/api.md)
 
 
 class Task(str, Enum):
@@ -49,6 +50,21 @@ class Lora:
 
 
 @dataclass(frozen=True)
+class Callables:
+    """A model given as Python functions (bsplan.probe, bsplan.estimate): what a model file defines.
+    A probe whose trials run in other processes sends them by reference: module-level functions."""
+
+    build_model: Callable[[], Any]
+    make_batch: Callable[..., Any]
+    compute_loss: Callable[[Any, Any], Any] | None = None
+    build_optimizer: Callable[[Any], Any] | None = None
+
+    def functions(self) -> dict[str, Callable[..., Any]]:
+        """Those given, by the model file's names."""
+        return {item.name: getattr(self, item.name) for item in fields(self) if getattr(self, item.name) is not None}
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """One model, as given: the text and every option that shapes its memory."""
 
@@ -64,9 +80,12 @@ class ModelSource:
     lora: Lora | None = None
     attn: str | None = None  # hf: attn_implementation (sdpa, eager)
     optimizer: str | None = None  # one of OPTIMIZERS in place of the model file's (None: the file's, else AdamW)
+    callables: Callables | None = None  # the model as Python functions; text then names them
 
     @property
     def kind(self) -> SourceKind:
+        if self.callables is not None:
+            return SourceKind.callables
         if self.text.startswith(HF_PREFIX):
             return SourceKind.hf
         if _FACTORY.match(self.text) and not Path(self.text).exists():

@@ -12,7 +12,7 @@ from bsplan.planning.errors import BadInput
 from bsplan.planning.memory_line import MemoryLine, cuda_overheads, predict, round_recommended
 from bsplan.planning.plan import Limit, PlanOptions
 from bsplan.planning.results import LAST_PROBE
-from bsplan.planning.saved import SavedProbe, load_probe
+from bsplan.planning.saved import SavedProbe, load_probe, read_probe
 from bsplan.planning.strategies import SHARDED_PARAMETERS, SINGLE, Layout, per_device_line
 from bsplan.planning.units import format_bytes
 
@@ -25,6 +25,8 @@ def saved_probe(options: PlanOptions, cwd: Path) -> SavedProbe | None:
     """The probe named by --from; else the last one saved in cwd, read only when no --max-micro gives
     the limit, so a stale probe cannot override it."""
     probe = None if options.probe_file is None else load_probe(options.probe_file, options.seq_len)
+    if options.probe_result is not None:  # bsplan.plan(..., probe=result): a result in memory
+        probe = read_probe("the given result", options.probe_result, options.seq_len)
     if probe is None and options.max_micro is None and (cwd / LAST_PROBE).is_file():
         probe = load_probe(cwd / LAST_PROBE, options.seq_len)
     return probe

@@ -101,6 +101,12 @@ def load_probe(path: Path, seq_len: int | None = None) -> SavedProbe:
         raise BadInput(f"cannot read the saved probe {path}: {error}") from None
     except json.JSONDecodeError as error:
         raise BadInput(f"{path} is not JSON ({error.msg} at line {error.lineno}), so not a saved bsplan probe") from None
+    return read_probe(path, data, seq_len)
+
+
+def read_probe(path: Path | str, data: Any, seq_len: int | None = None) -> SavedProbe:
+    """A probe's, an estimate's or a sweep's JSON document (read from path, or given in memory by the
+    Python API) as a plan takes it, with load_probe's checks."""
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema not in (PROBE_SCHEMA, ESTIMATE_SCHEMA, SWEEP_SCHEMA):
         raise BadInput(f"{path} is not a {PROBE_SCHEMA} probe result, {ESTIMATE_SCHEMA} estimate or {SWEEP_SCHEMA} sweep "
