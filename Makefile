@@ -13,7 +13,7 @@ $(BIN)/bsplan: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test,hf]"
+	$(BIN)/pip install -q -e ".[test,hf,plot,lightning]"
 	touch $@
 
 install: $(BIN)/bsplan

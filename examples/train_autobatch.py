@@ -34,11 +34,11 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = build_model().to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     # compute_loss returns the mean over its micro-batch: reduction="mean" weighs each by its share.
     auto = AutoBatch(args.micro_batch, reduction="mean", on_change=report)
-    with TensorBytesLimit(parse_size(args.memory_limit)):
+    with TensorBytesLimit(parse_size(args.memory_limit)):  # the model's weights count, as on a GPU
+        model = build_model().to(args.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for step in range(args.steps):
             batch = tuple(tensor.to(args.device) for tensor in make_batch(args.batch))
             loss = auto.step(model, batch, compute_loss)  # forward and backward of every micro-batch

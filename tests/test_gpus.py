@@ -65,8 +65,8 @@ def test_a_name_that_fits_gpus_of_different_memory_lists_them() -> None:
 
 
 def test_an_unknown_name_is_one_sentence_with_close_matches() -> None:
-    with pytest.raises(BadInput, match=r"'B200' is not in the catalogue.*bsplan gpus --catalog") as raised:
-        find_gpu("B200")
+    with pytest.raises(BadInput, match=r"'B100' is not in the catalogue.*bsplan gpus --catalog") as raised:
+        find_gpu("B100")
     assert "\n" not in str(raised.value)
     with pytest.raises(BadInput, match=r"close: .*H100-SXM-80GB"):
         find_gpu("H1000")
@@ -74,7 +74,7 @@ def test_an_unknown_name_is_one_sentence_with_close_matches() -> None:
 
 def test_nvml_names_map_to_the_catalogue() -> None:
     assert match_nvml_name("NVIDIA A100-SXM4-80GB").key == "A100-SXM4-80GB"  # type: ignore[union-attr]
-    assert match_nvml_name("NVIDIA B200") is None
+    assert match_nvml_name("NVIDIA B100") is None
 
 
 # --- NVML, faked at the module seam -------------------------------------------------------------

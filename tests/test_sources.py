@@ -265,3 +265,69 @@ def test_an_optimizer_asked_for_replaces_the_model_file_s() -> None:
     assert states["sgd"] == parameters and states["adamw"] >= 2 * parameters and states["adafactor"] < parameters / 10
     with pytest.raises(BadInput, match="unknown optimizer"):
         ModelSource("examples/mlp.py", optimizer="lion")
+
+
+# --- what the review of the first version found ---------------------------------------------------
+
+
+def test_a_sweep_checks_every_length_first_and_keeps_its_rows_through_ctrl_c() -> None:
+    from bsplan.measure.sweep import sweep
+
+    measured: list[int] = []
+
+    def measure(source: ModelSource) -> ProbeResult:
+        measured.append(source.seq_len)  # type: ignore[arg-type]
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        return _peak(source, 2, traced=True)
+
+    gpt2 = ModelSource(f"hf:{HF / 'gpt2-tiny'}")
+    with pytest.raises(BadInput, match="longer than the 512 positions"):
+        sweep("estimate", measure, gpt2, (64, 1024), _Quiet())
+    assert measured == []
+    result = sweep("estimate", measure, gpt2, (32, 64, 128), _Quiet())
+    assert result.interrupted and [row.seq_len for row in result.rows] == [32] and result.token_budget is None
+    assert result.to_dict()["model"]["seq_len"] is None and result.to_dict()["interrupted"] is True
+
+
+def test_a_capped_length_makes_the_budget_a_lower_bound() -> None:
+    capped = _peak(ModelSource(LLAMA, seq_len=32), 4, traced=True)
+    assert capped.capped_at == 4
+    budget = SweepResult("estimate", (SweepRow(32, capped),)).token_budget
+    assert budget is not None and budget.capped and budget.tokens == 128
+
+
+def test_sources_that_cannot_be_built_are_bad_input_not_the_user_s_error(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsplan.planning.errors import UserCodeError
+
+    gpt2 = f"hf:{HF / 'gpt2-tiny'}"
+    with pytest.raises(BadInput, match="cannot build"):
+        load_workload(ModelSource(gpt2, task=Task.image_classification)).build_model()
+    with pytest.raises(BadInput, match="--target-len sets the decoder"):
+        load_workload(ModelSource(gpt2, seq_len=16, target_len=8))
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(BadInput, match="no JSON object"):
+        load_workload(ModelSource(f"hf:{tmp_path / 'list.json'}"))
+    with pytest.raises(BadInput, match="not to the float input"):
+        ModelSource("factories:classifier", input_shape=(4,), seq_len=8)
+    with pytest.raises(BadInput, match="joined by"):
+        parse_lora("r=4,targets=+")
+    (tmp_path / "raising.py").write_text("raise RuntimeError('broken at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserCodeError, match="broken at import") as raised:
+        load_workload(ModelSource("raising:build", input_shape=(4,)))
+    assert "raising.py" in raised.value.traceback_text
+
+
+def test_a_decoder_s_classification_head_gets_a_padding_token() -> None:
+    import torch
+
+    workload = load_workload(ModelSource(LLAMA, seq_len=16, task=Task.sequence_classification))
+    loss = workload.loss(workload.build_model(), workload.make_batch(3, torch.device("cpu")))
+    assert torch.isfinite(loss)
+
+
+def test_params_alone_refuses_the_options_that_describe_a_model() -> None:
+    run = bsplan("estimate", "--params", "7B", "--gpu", "h100", "--lora", "r=8", "--json")
+    assert run.code == 2 and "--lora describes a model" in run.json()["error"]

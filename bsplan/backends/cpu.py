@@ -82,9 +82,14 @@ class TensorBytesLimit(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs: set[int] | None = None  # the inputs' storages, read only when an output's is new
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
                 for storage in tensor_storages(tensor):
+                    if id(storage) not in self._live and func not in _FRESH:
+                        inputs = _storage_ids((args, kwargs)) if inputs is None else inputs
+                        if id(storage) in inputs:
+                            continue  # a view of an input allocated before counting began (a dataset's rows): no allocation
                     self._count(storage)
         self._read_meter()
         return out
@@ -119,6 +124,17 @@ class TensorBytesLimit(TorchDispatchMode):
         entry = self._live.pop(key, None)
         if entry is not None:
             self.current_bytes -= entry[1]
+
+
+# torch.tensor(data) allocates outside the dispatcher, then hands the new tensor to lift_fresh: an
+# allocation that reaches the count as its input.
+_FRESH = (torch.ops.aten.lift_fresh.default,)
+
+
+def _storage_ids(values: Any) -> set[int]:
+    """The storages of the CPU tensors among values (an operator's arguments)."""
+    return {id(storage) for value in tree_flatten(values)[0] if isinstance(value, torch.Tensor) and value.device.type == "cpu"
+            for storage in tensor_storages(value)}
 
 
 def tensor_storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:

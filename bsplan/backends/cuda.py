@@ -1,6 +1,10 @@
 """The one module that calls torch.cuda: a CUDA GPU as a probe's device, and the few CUDA calls the
 rest of bsplan needs (is there a GPU, how many, pick one, empty the cache). Tests drive CudaDevice
 with a fake `torch.cuda` module; everything else asks the functions here.
+
+A ROCm build of torch (torch.version.hip set) drives AMD GPUs through the same torch.cuda API (HIP
+stands in for CUDA, RCCL for NCCL), so `--device cuda` means an AMD GPU there and only the device's
+description says which.
 """
 
 from __future__ import annotations
@@ -11,6 +15,11 @@ from typing import Any, Iterator
 import torch
 
 from bsplan.planning.results import DeviceInfo
+
+
+def rocm_version() -> str | None:
+    """HIP's version where torch is a ROCm build, else None."""
+    return getattr(torch.version, "hip", None)
 
 
 def available() -> bool:
@@ -54,7 +63,8 @@ class CudaDevice:
             # The allocator refuses to grow past this fraction with a real torch.OutOfMemoryError.
             cuda.set_per_process_memory_fraction(memory_limit / total, index)
             total, source = memory_limit, "--memory-limit"
-        self.info = DeviceInfo(f"cuda:{index} ({properties.name})", "cuda", total, source, exact=True)
+        rocm = f", ROCm {hip}" if (hip := rocm_version()) else ""
+        self.info = DeviceInfo(f"cuda:{index} ({properties.name}{rocm})", "cuda", total, source, exact=True)
 
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:

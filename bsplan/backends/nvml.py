@@ -7,11 +7,17 @@ Tests pass a fake `pynvml` module to `query` (as gpustat's tests do), so nothing
 NVML numbers devices by PCI bus and ignores CUDA_VISIBLE_DEVICES; CUDA numbers them fastest first
 unless CUDA_DEVICE_ORDER=PCI_BUS_ID, after CUDA_VISIBLE_DEVICES has picked and ordered them.
 `cuda_indices` maps one to the other.
+
+NVML sees NVIDIA GPUs only: where none is found and torch is a ROCm build, the one sentence says so.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import re
+import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
@@ -57,6 +63,27 @@ class GpuReport:
 
 def query(environ: Mapping[str, str], nvml: ModuleType | None = None) -> GpuReport:
     """The GPUs NVML sees, with memory, processes and CUDA indices; `nvml` replaces pynvml in tests."""
+    report = _query(environ, nvml)
+    if report.unavailable is not None and (hip := torch_hip_version()):
+        why = f"{report.unavailable}; torch here is a ROCm build (HIP {hip}) and NVML does not list AMD GPUs: rocm-smi or amd-smi does"
+        return replace(report, unavailable=why)
+    return report
+
+
+def torch_hip_version() -> str | None:
+    """torch.version.hip without importing torch (`bsplan gpus` stays fast and torch-free): from torch
+    if it is already imported, else from the installed torch's version.py; None on a CUDA or CPU build."""
+    if "torch" in sys.modules:
+        return getattr(sys.modules["torch"].version, "hip", None)
+    spec = importlib.util.find_spec("torch")
+    version = Path(next(iter(spec.submodule_search_locations or ()), "")) / "version.py" if spec else None
+    if version is None or not version.is_file():
+        return None
+    found = re.search(r"^hip\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", version.read_text(), re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def _query(environ: Mapping[str, str], nvml: ModuleType | None) -> GpuReport:
     if nvml is None:
         try:
             import pynvml as nvml

@@ -18,6 +18,7 @@ from typing import Any, Callable, NoReturn, Optional
 import typer
 from rich.console import Console
 
+import bsplan.cli.sources as _sources
 from bsplan.planning.choices import (
     Method, Mode, Optimizer, PlanFormat, PlanStrategy, Precision, ProbeLimit, ProbeStrategy, RunPrecision, Scaling, Search, Strategy,
 )
@@ -37,33 +38,6 @@ stdout = Console(highlight=False, markup=False)  # paths and messages may hold [
 stderr = Console(stderr=True, highlight=False, markup=False)
 
 EXIT_NO_FIT = 3
-
-# What probe and estimate accept as the model, and the options that describe a source (docs/sources.md).
-MODEL_HELP = ("A model file defining build_model() and make_batch(batch_size) (docs/model-file.md); hf:CONFIG, a Hugging Face "
-              "config (a directory, a config.json or a hub id; random weights, never downloaded); or MODULE:CALLABLE, a factory "
-              "returning an nn.Module (describe its input with --input-shape or --vocab).")
-SEQ_LEN = typer.Option(None, help="Tokens per sample (hf:, a factory with --vocab, a model file whose make_batch takes "
-                                  "(batch_size, seq_len)). A comma list sweeps: 512,1024,2048.")
-TASK = typer.Option(None, help="hf: the head: causal-lm, masked-lm, seq2seq-lm, sequence-classification, image-classification. "
-                               "Default: from the config's architectures.")
-TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="hf: run the model code a hub config ships with it.")
-TARGET_LEN = typer.Option(None, help="hf seq2seq-lm: decoder tokens per sample (default: --seq-len).")
-INPUT_SHAPE = typer.Option(None, help="MODULE:CALLABLE: one sample of a float input, e.g. 3,224,224.")
-VOCAB = typer.Option(None, help="MODULE:CALLABLE: token ids below N as input, --seq-len of them per sample.")
-NUM_CLASSES = typer.Option(None, help="MODULE:CALLABLE: a class target per sample and a cross-entropy loss (default: the output's mean).")
-GRADIENT_CHECKPOINTING = typer.Option(
-    False, "--gradient-checkpointing", help="Recompute activations in backward: hf models' own, else each block of the largest nn.ModuleList."
-)
-LORA = typer.Option(None, help="Train LoRA adapters only (peft): r=16[,alpha=32,targets=q_proj+v_proj].")
-ATTN = typer.Option(None, help="hf: attention implementation, e.g. sdpa or eager.")
-
-
-def _source(model: str, **values: Any) -> tuple[Any, tuple[int, ...] | None]:
-    """The model source the options describe, and the lengths to sweep (None: one length)."""
-    from bsplan.models.source import from_cli
-
-    return from_cli(model, **values)
-
 
 @app.callback()
 def _commands() -> None:
@@ -102,7 +76,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 @app.command()
 def probe(
-    model: str = typer.Argument(..., help=MODEL_HELP, metavar="MODEL"),
+    model: str = typer.Argument(..., help=_sources.MODEL_HELP, metavar="MODEL"),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda:0 when CUDA is available, else cpu."),
     memory_limit: Optional[str] = typer.Option(
         None, help="Memory a batch may use, e.g. 300MiB, 2GiB, 2GB or bytes. On the CPU it counts tensor bytes exactly, like a GPU's allocator; without it, the CPU takes what the OS has available less 10% + 1 GiB."
@@ -126,18 +100,18 @@ def probe(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
     output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
     save: bool = typer.Option(True, help=f"Save the result to {LAST_PROBE} for `bsplan plan` to use."),
-    seq_len: Optional[str] = SEQ_LEN, task: Optional[str] = TASK, trust_remote_code: bool = TRUST_REMOTE_CODE,
-    target_len: Optional[int] = TARGET_LEN, input_shape: Optional[str] = INPUT_SHAPE, vocab: Optional[int] = VOCAB,
-    num_classes: Optional[int] = NUM_CLASSES, gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
-    lora: Optional[str] = LORA, attn: Optional[str] = ATTN,
+    seq_len: Optional[str] = _sources.SEQ_LEN, task: Optional[str] = _sources.TASK, trust_remote_code: bool = _sources.TRUST_REMOTE_CODE,
+    target_len: Optional[int] = _sources.TARGET_LEN, input_shape: Optional[str] = _sources.INPUT_SHAPE, vocab: Optional[int] = _sources.VOCAB,
+    num_classes: Optional[int] = _sources.NUM_CLASSES, gradient_checkpointing: bool = _sources.GRADIENT_CHECKPOINTING,
+    lora: Optional[str] = _sources.LORA, attn: Optional[str] = _sources.ATTN, plot: Optional[Path] = _sources.PLOT,
 ) -> None:
     """Run real training steps at growing batch sizes and find the exact largest batch that fits."""
+    from bsplan.cli.charts import check_plot, save_chart
     from bsplan.cli.render import ProbeProgress, show_probe, show_sweep
 
     try:
-        source, lengths = _source(model, seq_len=seq_len, task=task, trust_remote_code=trust_remote_code, target_len=target_len,
-                                  input_shape=input_shape, vocab=vocab, num_classes=num_classes,
-                                  gradient_checkpointing=gradient_checkpointing, lora=lora, attn=attn)
+        check_plot(plot)
+        source, lengths = _sources.source_from(model, locals())
         from bsplan.measure import template
         from bsplan.measure.options import ProbeOptions
 
@@ -163,6 +137,7 @@ def probe(
     if save and not result.interrupted:
         _write_json(LAST_PROBE, data)
     _emit(data, lambda console: show_probe(console, result) if lengths is None else show_sweep(console, result), json_out, output)
+    save_chart(result, plot, stderr)
     _exit_for(result)
 
 
@@ -214,6 +189,7 @@ def plan(
         PlanStrategy.none, help="Recompute the limit for ddp, zero1, zero2, zero3 or fsdp at this world size from the probe; auto: compare them all."
     ),
     bucket_view: bool = typer.Option(False, "--bucket-view", help="DDP with gradient_as_bucket_view=True (its buckets hold the gradients)."),
+    noise_scale: Optional[str] = typer.Option(None, help="Gradient noise scale B (or a saved `bsplan noise --output` file): steps and compute vs G."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as one JSON document (same as --format json)."),
     output_format: PlanFormat = typer.Option(
         PlanFormat.table, "--format", help="table, json, or what one tool reads: deepspeed, hf, lightning, torchrun."
@@ -236,7 +212,7 @@ def plan(
             use=use, multiple_of=multiple_of, base_lr=base_lr, base_batch=base_batch, scaling=scaling,
             optimizer=optimizer, beta2=beta2, warmup_steps=warmup_steps, warmup_epochs=warmup_epochs,
             warmup_ratio=warmup_ratio, dataset_size=dataset_size, epochs=epochs, batchnorm=batchnorm, gpu=gpu,
-            strategy=strategy, bucket_view=bucket_view,
+            strategy=strategy, bucket_view=bucket_view, noise_scale=noise_scale,
         )
         result = make_plan(options)
     except BsplanError as error:
@@ -278,9 +254,21 @@ def gpus(
         show_gpus(stdout, report)
 
 
+import bsplan.cli.noise as _noise  # noqa: E402  (bsplan noise: its options and its run, beside its table)
+
+
+@app.command()
+def noise(model: str = _noise.MODEL, small_batch: Optional[int] = _noise.SMALL_BATCH, big_batch: Optional[int] = _noise.BIG_BATCH,
+          max_steps: int = _noise.MAX_STEPS, rel_error: float = _noise.REL_ERROR, checkpoint: Optional[Path] = _noise.CHECKPOINT,
+          allow_synthetic: bool = _noise.ALLOW_SYNTHETIC, device: Optional[str] = _noise.DEVICE, seed: int = _noise.SEED,
+          json_out: bool = _noise.JSON, output: Optional[Path] = _noise.OUTPUT) -> None:
+    """Measure the gradient noise scale B_simple = tr(Σ)/|G|² on your data at fixed weights: about the largest batch that pays."""
+    _noise.run_noise_command(dict(locals()), _fail, _emit, stderr)
+
+
 @app.command()
 def estimate(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Or give --params.", metavar="[MODEL]"),
+    model: Optional[str] = typer.Argument(None, help=_sources.MODEL_HELP + " Or give --params.", metavar="[MODEL]"),
     gpu: Optional[str] = typer.Option(None, help="A GPU of the catalogue (bsplan gpus --catalog), loosely: h100, H100-80GB, a100-40gb, 4090."),
     memory: Optional[str] = typer.Option(
         None, help="Memory to plan for, e.g. 300MiB or 20GiB. Alone: counted like probe --memory-limit. With --gpu: that GPU with this much free."
@@ -305,16 +293,18 @@ def estimate(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
     output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file (bsplan plan --from reads it)."),
-    seq_len: Optional[str] = SEQ_LEN, task: Optional[str] = TASK, trust_remote_code: bool = TRUST_REMOTE_CODE,
-    target_len: Optional[int] = TARGET_LEN, input_shape: Optional[str] = INPUT_SHAPE, vocab: Optional[int] = VOCAB,
-    num_classes: Optional[int] = NUM_CLASSES, gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
-    lora: Optional[str] = LORA, attn: Optional[str] = ATTN,
+    seq_len: Optional[str] = _sources.SEQ_LEN, task: Optional[str] = _sources.TASK, trust_remote_code: bool = _sources.TRUST_REMOTE_CODE,
+    target_len: Optional[int] = _sources.TARGET_LEN, input_shape: Optional[str] = _sources.INPUT_SHAPE, vocab: Optional[int] = _sources.VOCAB,
+    num_classes: Optional[int] = _sources.NUM_CLASSES, gradient_checkpointing: bool = _sources.GRADIENT_CHECKPOINTING,
+    lora: Optional[str] = _sources.LORA, attn: Optional[str] = _sources.ATTN, plot: Optional[Path] = _sources.PLOT,
 ) -> None:
     """Predict the largest batch for a GPU you do not have (or any memory budget) from CPU training steps,
     per device under a data-parallel strategy; or the model states of a parameter count."""
+    from bsplan.cli.charts import check_plot, save_chart
     from bsplan.cli.render import ProbeProgress, show_estimate, show_states, show_sweep
 
     try:
+        check_plot(plot, has_trials=model is not None)
         from bsplan.planning.prediction import EstimateOptions, estimate_states
 
         options = EstimateOptions.from_cli(
@@ -324,14 +314,13 @@ def estimate(
             method=method,
         )
         if model is None:
+            _sources.refuse_without_model(locals())
             states = estimate_states(options)
             _emit(states.to_dict(), lambda console: show_states(console, states), json_out, output)
             if states.device is not None and states.activation_bytes_per_sample is not None and states.max_batch is None:
                 raise typer.Exit(EXIT_NO_FIT)
             return
-        source, lengths = _source(model, seq_len=seq_len, task=task, trust_remote_code=trust_remote_code, target_len=target_len,
-                                  input_shape=input_shape, vocab=vocab, num_classes=num_classes,
-                                  gradient_checkpointing=gradient_checkpointing, lora=lora, attn=attn)
+        source, lengths = _sources.source_from(model, locals())
         from bsplan.measure.estimate import run_estimate
         from bsplan.measure.sweep import sweep
 
@@ -345,7 +334,32 @@ def estimate(
         _fail(error, json_out)
     _emit(result.to_dict(), lambda console: show_estimate(console, result) if lengths is None else show_sweep(console, result),
           json_out, output)
+    save_chart(result, plot, stderr)
     _exit_for(result)
+
+
+@app.command()
+def routes(
+    model: str = typer.Argument(..., help=_sources.MODEL_HELP, metavar="MODEL"),
+    target: Optional[int] = typer.Option(None, help="Global batch: samples per optimizer step over all devices (or --target-tokens)."),
+    target_tokens: Optional[str] = typer.Option(None, help="Global batch in tokens per optimizer step, with --seq-len (4M, 4Mi)."),
+    gpu: Optional[str] = typer.Option(None, help="A GPU of the catalogue (bsplan gpus --catalog): its memory and NVLink."),
+    memory: Optional[str] = typer.Option(None, help="Memory per device, e.g. 300MiB (counted like probe --memory-limit); with --gpu: its free memory."),
+    gpus: int = typer.Option(1, help="Devices per node."), nodes: int = typer.Option(1, help="Nodes; the world size is nodes x gpus."),
+    current: Optional[str] = typer.Option(None, help="Your setup, e.g. bf16,checkpointing,sgd,zero2 (default: fp32, the model's optimizer, ddp)."),
+    interconnect: Optional[float] = typer.Option(None, help="GB/s each GPU sends at (nccl-tests busbw). Default: half the --gpu's NVLink."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document (bsplan.routes/1) instead of tables."),
+    output_format: PlanFormat = typer.Option(PlanFormat.table, "--format", help="table, json, or the route for deepspeed, hf, lightning, torchrun."),
+    route: Optional[int] = typer.Option(None, help="With --format: export route K instead of the recommended one."),
+    output: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
+    seq_len: Optional[str] = _sources.SEQ_LEN, task: Optional[str] = _sources.TASK, trust_remote_code: bool = _sources.TRUST_REMOTE_CODE,
+    target_len: Optional[int] = _sources.TARGET_LEN, input_shape: Optional[str] = _sources.INPUT_SHAPE, vocab: Optional[int] = _sources.VOCAB,
+    num_classes: Optional[int] = _sources.NUM_CLASSES, lora: Optional[str] = _sources.LORA, attn: Optional[str] = _sources.ATTN,
+) -> None:
+    """Every way to reach a global batch on N devices, ranked: memory traced per route, time modelled; --format exports one."""
+    from bsplan.cli.routes import run_routes_command
+
+    run_routes_command(dict(locals()), _fail, _emit, stderr)
 
 
 def _wants_json(argv: list[str]) -> bool:

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
+from bsplan.cli.charts import limit_bar
 from bsplan.planning.units import format_bytes
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def show_probe(console: Console, result: ProbeResult) -> None:
         )
     _add_breakdown(summary, result.breakdown)
     console.print(summary)
-    console.print(_trials_table("trials", result.trials))
+    console.print(_trials_table("trials", result.trials, device.total_bytes))
     for note in result.notes:
         console.print(f"note: {note}", markup=False, soft_wrap=True)
 
@@ -93,28 +94,42 @@ def _add_model(summary: Table, model: ModelInfo) -> None:
 
 def show_sweep(console: Console, result: SweepResult) -> None:
     """A sweep over sequence lengths: the largest batch and tokens at each, and the safe token budget."""
-    first = result.rows[0].result
-    title = f"bsplan {result.command}: {result.model.file} on {first.device.name}, {format_bytes(first.device.total_bytes)}"
+    if not result.rows:
+        console.print("interrupted before any length was measured", markup=False)
+        return
+    first, model = result.rows[0].result, result.model
+    assert model is not None
+    title = f"bsplan {result.command}: {model.file} on {first.device.name}, {format_bytes(first.device.total_bytes)}"
     table = Table(title=title, title_justify="left")
     for name in ("seq_len", "max batch", "max tokens", "recommended", "peak", "tokens/s"):
         table.add_column(name, justify="right")
     for row in result.rows:
-        rate = row.tokens_per_second
+        rate, found = row.tokens_per_second, row.result.max_batch
+        batch = "none fits" if found is None else f"{found:,}" + (" (cap)" if row.result.capped_at is not None else "")
+        if found is None and getattr(row.result, "interrupted", False):
+            batch = "interrupted"
         table.add_row(
-            f"{row.seq_len:,}", "none fits" if row.result.max_batch is None else f"{row.result.max_batch:,}",
-            "-" if row.max_tokens is None else f"{row.max_tokens:,}",
+            f"{row.seq_len:,}", batch, "-" if row.max_tokens is None else f"{row.max_tokens:,}",
             "-" if row.result.recommended_batch is None else f"{row.result.recommended_batch:,}",
             format_bytes(row.result.peak_bytes), "-" if rate is None else f"{rate:,.0f}",
         )
     console.print(table)
+    described = Table(show_header=False, box=None)
+    described.add_column(style="bold")
+    described.add_column()
+    _add_model(described, model)
+    if described.row_count:
+        console.print(described)
     budget = result.token_budget
     if budget is not None:
-        console.print(f"token budget for length-bucketed batches: {budget.tokens:,} tokens per micro-batch "
-                      f"(set by seq_len {budget.seq_len:,})", markup=False, soft_wrap=True)
+        bound = "at least " if budget.capped else ""
+        console.print(f"token budget for length-bucketed batches: {bound}{budget.tokens:,} tokens per micro-batch "
+                      f"(set by seq_len {budget.seq_len:,}" + ("; a length reached the --max-batch cap)" if budget.capped else ")"),
+                      markup=False, soft_wrap=True)
+    elif result.interrupted:
+        console.print("interrupted: the lengths after the last row were not measured, so no token budget", markup=False)
     else:
         console.print("no token budget: some length fits no batch", markup=False)
-    if result.interrupted:
-        console.print("interrupted: the lengths after the last row were not measured", markup=False)
     notes = dict.fromkeys(note for row in result.rows for note in row.result.notes)  # each once, in order
     for note in notes:
         console.print(f"note: {note}", markup=False, soft_wrap=True)
@@ -128,15 +143,13 @@ def _add_breakdown(summary: Table, memory: Breakdown) -> None:
     summary.add_row("activations per sample", format_bytes(memory.activation_bytes_per_sample))
 
 
-def _trials_table(title: str, trials: Iterable[Trial]) -> Table:
+def _trials_table(title: str, trials: Iterable[Trial], limit: int) -> Table:
     table = Table(title=title, title_justify="left")
-    for name in ("batch", "fits", "peak", "seconds", "samples/s"):
+    for name in ("batch", "fits", "peak", f"share of {format_bytes(limit)}", "seconds", "samples/s"):
         table.add_column(name, justify="right")
     for trial in sorted(trials, key=lambda t: t.batch):
-        table.add_row(
-            str(trial.batch), "yes" if trial.fits else "OOM", format_bytes(trial.peak_bytes),
-            f"{trial.seconds:.2f}", _rate(trial),
-        )
+        table.add_row(str(trial.batch), "yes" if trial.fits else "OOM", format_bytes(trial.peak_bytes),
+                      limit_bar(trial.peak_bytes, limit), f"{trial.seconds:.2f}", _rate(trial))
     return table
 
 
@@ -169,6 +182,8 @@ def show_plan(console: Console, plan: Plan) -> None:
         ("learning rate", _learning_rate_text(plan)),
         ("warmup", _warmup_text(plan)),
     ]
+    if plan.noise is not None:
+        rows.append(("noise scale", plan.noise.describe(plan.global_batch)))
     if plan.schedule is not None:
         rows.append(("steps per epoch", str(plan.schedule.steps_per_epoch)))
         rows.append(("total steps", "-" if plan.schedule.total_steps is None else str(plan.schedule.total_steps)))
@@ -321,7 +336,7 @@ def show_estimate(console: Console, result: EstimateResult) -> None:
     console.print(summary)
     if result.at_peak is not None:
         console.print(_composition_table(result.at_peak))
-    console.print(_trials_table("traced" if result.method == "trace" else "measured on the CPU", result.trials))
+    console.print(_trials_table("traced" if result.method == "trace" else "measured on the CPU", result.trials, device.total_bytes))
     for note in result.notes:
         console.print(f"note: {note}", markup=False, soft_wrap=True)
 

@@ -44,22 +44,32 @@ MEASURE_SECONDS = 60.0
 
 def run_estimate(model_source: SourceLike, options: EstimateOptions, progress: Progress) -> EstimateResult:
     """Traced by default; by real CPU steps with --method run, or where the model cannot be traced."""
+    measurement, traced, composition = measure_step(model_source, options, progress)
+    if traced is None:
+        return predict_for(measurement, options)
+    workspace_bytes = options.target()[1].cublas_workspace_bytes
+    return _exact(predict_for(measurement, options), traced, composition, workspace_bytes)
+
+
+def measure_step(model_source: SourceLike, options: EstimateOptions, progress: Progress,
+                 compose: bool = True) -> tuple[Measurement, ProbeResult | None, PeakComposition | None]:
+    """The step measured once for the options' target, which `bsplan routes` then predicts for under
+    each strategy: traced (with the traced search, and its peak's composition unless compose=False),
+    else real CPU steps."""
     device, overheads = options.target()
     budget = device.total_bytes - overheads.total_bytes
     fallback: tuple[str, ...] = ()
     if options.method == Method.trace:
         try:
-            measurement, traced, composition = trace(model_source, options, budget, progress)
+            return trace(model_source, options, budget, progress, compose)
         except (BadInput, NoFit):
             raise
         except Exception as error:  # noqa: BLE001 - an operator with no fake implementation, or the model's own error
             why = re.sub(r"\S*=?<[^<>]* at 0x[0-9a-f]+>", "", first_line(error)).strip()
             fallback = (f"the step could not be traced ({why}): measured with real steps on the CPU instead (--method run)",)
             progress.note(fallback[0])
-        else:
-            return _exact(predict_for(measurement, options), traced, composition, overheads.cublas_workspace_bytes)
     measurement = measure(model_source, options.precision, options.mode, progress, budget)
-    return predict_for(replace(measurement, notes=fallback + measurement.notes), options)
+    return replace(measurement, notes=fallback + measurement.notes), None, None
 
 
 def _exact(result: EstimateResult, traced: ProbeResult, composition: PeakComposition | None, workspace_bytes: int) -> EstimateResult:

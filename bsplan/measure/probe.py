@@ -18,7 +18,7 @@ from bsplan.measure.sources import LocalTrials, RebuiltAfterFailure, Static, Tri
 from bsplan.measure.workload import load_workload
 from bsplan.measure.world import World
 from bsplan.models.source import SourceLike
-from bsplan.planning.errors import first_line
+from bsplan.planning.errors import BadInput, first_line
 from bsplan.planning.memory_line import fit_top, round_recommended
 from bsplan.planning.results import SAME_THROUGHPUT, Breakdown, DeviceInfo, ProbeResult, Trial
 from bsplan.planning.units import format_bytes
@@ -123,6 +123,8 @@ def traced_answer(model_source: SourceLike, options: ProbeOptions, limit_bytes: 
     device = FakeDevice(limit_bytes, "traced")
     try:
         traced = run_probe(model_source, replace(options, device="cpu", memory_limit=limit_bytes), _Quiet(), backend=device)
+    except BadInput:
+        raise  # the source itself is wrong (a --lora target, no blocks to checkpoint): the real probe would say the same
     except Exception as error:  # noqa: BLE001 - an operator with no fake implementation: the real search alone
         progress.note(f"the step could not be traced ({first_line(error)}): the search starts from batch {options.min_batch}")
         return None

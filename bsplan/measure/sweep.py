@@ -1,10 +1,10 @@
-"""A sweep over sequence lengths: the same probe or estimate at each length, in the order given. No
-torch here: the command passes the function that measures one length."""
+"""A sweep over sequence lengths: the same probe or estimate at each length, in the order given."""
 
 from __future__ import annotations
 
 from typing import Callable, Protocol
 
+from bsplan.measure.workload import load_workload
 from bsplan.models.source import ModelSource
 from bsplan.planning.results import EstimateResult, ProbeResult, SweepResult, SweepRow
 
@@ -15,12 +15,19 @@ class Notes(Protocol):
 
 def sweep(command: str, measure: Callable[[ModelSource], ProbeResult | EstimateResult], source: ModelSource,
           lengths: tuple[int, ...], progress: Notes) -> SweepResult:
-    """Measure each length; an interrupted probe (Ctrl-C) ends the sweep there, keeping what was measured."""
+    """Measure each length. Every length is checked before the first is measured (a length the model
+    cannot take is refused at once, not after the others ran); Ctrl-C ends the sweep, keeping the
+    lengths measured until then."""
+    for length in lengths:
+        load_workload(source.at(length))
     rows: list[SweepRow] = []
     for number, length in enumerate(lengths, 1):
         progress.note(f"seq_len {length} ({number} of {len(lengths)})")
-        result = measure(source.at(length))
-        rows.append(SweepRow(length, result))
-        if getattr(result, "interrupted", False):
+        try:
+            result = measure(source.at(length))
+        except KeyboardInterrupt:
             return SweepResult(command, tuple(rows), interrupted=True)
+        if getattr(result, "interrupted", False):  # a probe keeps what it measured at this length
+            return SweepResult(command, (*rows, SweepRow(length, result)), interrupted=True)
+        rows.append(SweepRow(length, result))
     return SweepResult(command, tuple(rows))

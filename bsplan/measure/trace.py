@@ -27,8 +27,8 @@ from bsplan.planning.strategies import SINGLE, Layout
 from bsplan.planning.units import format_bytes
 
 
-def trace(model_source: SourceLike, options: EstimateOptions, budget_bytes: int,
-          progress: Progress) -> tuple[Measurement, ProbeResult, PeakComposition | None]:
+def trace(model_source: SourceLike, options: EstimateOptions, budget_bytes: int, progress: Progress,
+          compose: bool = True) -> tuple[Measurement, ProbeResult, PeakComposition | None]:
     """The probe's search traced against a budget: its exact answer, the measurement (the model, its
     breakdown, the line through the traced trials) that the prediction rests on, and what the
     tensors at the peak of its answer are (measure/attribution.py). Where fewer than two batches fit
@@ -36,7 +36,8 @@ def trace(model_source: SourceLike, options: EstimateOptions, budget_bytes: int,
     GPU) the line is traced without a budget at batches 1 and LINE_BATCH: what a strategy's states
     per device, and how many devices would hold them, are computed from (planning/prediction.py).
     Under --strategy ddp or fsdp the real wrapper is traced on a fake process group of --gpus ranks
-    in this process, so the trials are one device's, exactly as `probe --nproc N` measures a rank."""
+    in this process, so the trials are one device's, exactly as `probe --nproc N` measures a rank.
+    compose=False skips the composition (`bsplan routes` shows none, and saves a trace per setting)."""
     layout = options.layout
     traced_layout = layout if layout.strategy in ProbeStrategy.values() else SINGLE
     probe_options = ProbeOptions(
@@ -45,7 +46,7 @@ def trace(model_source: SourceLike, options: EstimateOptions, budget_bytes: int,
         strategy=traced_layout.strategy, nproc=traced_layout.world_size, bucket_view=traced_layout.bucket_view,
     )
     with _fake_group(traced_layout.world_size):
-        return _trace(model_source, probe_options, budget_bytes, progress, traced_layout)
+        return _trace(model_source, probe_options, budget_bytes, progress, traced_layout, compose)
 
 
 @contextlib.contextmanager
@@ -66,8 +67,10 @@ def _fake_group(world_size: int) -> Iterator[None]:
 
 
 def _trace(model_source: SourceLike, probe_options: ProbeOptions, budget_bytes: int, progress: Progress,
-           layout: Layout) -> tuple[Measurement, ProbeResult, PeakComposition | None]:
+           layout: Layout, compose: bool) -> tuple[Measurement, ProbeResult, PeakComposition | None]:
     result = run_probe(model_source, probe_options, _Untimed(progress), backend=FakeDevice(budget_bytes, f"{model_source} traced"))
+    if result.interrupted:  # Ctrl-C while tracing: no answer, and none to report as one
+        raise KeyboardInterrupt
     trials = tuple(_untimed(trial) for trial in result.trials)
     notes = (f"traced with fake tensors: the probe's search found max_batch {result.max_batch} under the counted budget "
              f"of {budget_bytes} bytes",)
@@ -86,7 +89,7 @@ def _trace(model_source: SourceLike, probe_options: ProbeOptions, budget_bytes: 
         notes += (f"batches 1 and {LINE_BATCH} traced without a budget: the line of peak over batch",)
     breakdown = replace(breakdown, activation_bytes_per_sample=line.per_sample_bytes)
     composition = None
-    if result.max_batch is not None and layout == SINGLE:
+    if compose and result.max_batch is not None and layout == SINGLE:
         progress.note(f"tracing batch {result.max_batch} once more to see what the tensors at its peak are")
         try:
             composition = compose_peak(model_source, probe_options, result.max_batch, budget_bytes)

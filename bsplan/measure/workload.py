@@ -22,7 +22,7 @@ import torch
 from bsplan.measure.oom import Failure, classify
 from bsplan.models import knobs
 from bsplan.models.source import ModelSource, SourceKind
-from bsplan.planning.errors import BadInput, UserCodeError, first_line
+from bsplan.planning.errors import BadInput, BsplanError, UserCodeError, first_line
 from bsplan.planning.results import ModelInfo
 
 Batch = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
@@ -75,6 +75,8 @@ class Workload:
     def build_model(self) -> torch.nn.Module:
         try:
             model = self._function("build_model")()  # type: ignore[misc]
+        except BsplanError:
+            raise  # bsplan's own sentence (a Hugging Face config it cannot build), not the user's code
         except Exception as error:
             if classify(error) is not Failure.OTHER:
                 raise  # out of memory: the caller reports that the model does not fit

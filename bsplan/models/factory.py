@@ -7,13 +7,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 
 from bsplan.models.source import ModelSource
-from bsplan.planning.errors import BadInput, first_line
+from bsplan.planning.errors import BadInput, UserCodeError, first_line
 
 
 def resolve(text: str) -> Callable[[], Any]:
@@ -23,8 +24,13 @@ def resolve(text: str) -> Callable[[], Any]:
         sys.path.insert(0, os.getcwd())
     try:
         target: Any = importlib.import_module(module_name)
-    except ImportError as error:
-        raise BadInput(f"cannot import {module_name} for {text}: {first_line(error)}") from None
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            raise BadInput(f"cannot import {module_name} for {text}: {first_line(error)}") from None
+        raise UserCodeError(f"importing {module_name} raised ModuleNotFoundError: {first_line(error)}", traceback.format_exc()) from None
+    except Exception as error:  # the module's own code failed as it was imported: its traceback is the user's
+        raise UserCodeError(f"importing {module_name} raised {type(error).__name__}: {first_line(error)}",
+                            traceback.format_exc()) from None
     for name in attribute.split("."):
         if not hasattr(target, name):
             raise BadInput(f"{module_name} has no {attribute}, which {text} names")

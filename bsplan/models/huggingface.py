@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import torch
 
 from bsplan.models.source import HF_PREFIX, ModelSource, Task
-from bsplan.planning.errors import BadInput
+from bsplan.planning.errors import BadInput, first_line
 
 # The head each task builds (transformers' Auto classes).
 _AUTO = {
@@ -54,6 +54,8 @@ def load_config(source: ModelSource) -> Any:
             import json
 
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise BadInput(f"{path} holds no JSON object, so no Hugging Face config")
             model_type = data.pop("model_type", None)
             if model_type is None:
                 raise BadInput(f"{path} has no model_type, so no architecture to build")
@@ -61,8 +63,8 @@ def load_config(source: ModelSource) -> Any:
         return transformers.AutoConfig.from_pretrained(where, trust_remote_code=source.trust_remote_code)
     except BadInput:
         raise
-    except (OSError, ValueError, KeyError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as error:  # noqa: BLE001 - transformers' own errors for a config it cannot read, each one sentence here
+        message = first_line(error)
         if local:
             raise BadInput(f"cannot read the Hugging Face config at {where}: {message}") from None
         if "trust_remote_code" in message:
@@ -93,6 +95,8 @@ def seq_len_of(config: Any, source: ModelSource, task: Task) -> int | None:
         if source.seq_len is not None:
             raise BadInput(f"--seq-len does not apply to {source.text}: an image model's input is the config's image size")
         return None
+    if source.target_len is not None and task is not Task.seq2seq_lm:
+        raise BadInput(f"--target-len sets the decoder's tokens of a seq2seq-lm, not of a {task.value}")
     if getattr(config, "vocab_size", None) is None:
         raise BadInput(f"the config of {source.text} has no vocab_size, so no token ids to make a {task.value} batch from")
     longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -115,13 +119,16 @@ def functions(source: ModelSource) -> SimpleNamespace:
         options["attn_implementation"] = source.attn
     if task is Task.causal_lm or task is Task.seq2seq_lm:
         config.use_cache = False  # training keeps no key-value cache
+    if task is Task.sequence_classification and getattr(config, "pad_token_id", None) is None:
+        # A decoder's classification head reads the last token before padding; the batch has no padding.
+        config.pad_token_id = getattr(config, "eos_token_id", None) or 0
 
     def build_model() -> torch.nn.Module:
         try:
             with _values_skipped_when_traced(transformers):
                 return auto.from_config(config, **options)  # type: ignore[no-any-return]
         except ValueError as error:  # transformers' sentence: an unknown architecture for this head, an attention it lacks
-            raise BadInput(f"cannot build {source.text} as {task.value}: {str(error).strip().splitlines()[0]}") from None
+            raise BadInput(f"cannot build {source.text} as {task.value}: {first_line(error)}") from None
 
     def make_batch(batch_size: int) -> dict[str, torch.Tensor]:
         if task is Task.image_classification:

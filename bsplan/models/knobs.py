@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -13,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bsplan.models.blocks import largest_block_list
 from bsplan.models.source import ModelSource
-from bsplan.planning.errors import BadInput
+from bsplan.planning.errors import BadInput, first_line
 
 
 def apply(model: torch.nn.Module, source: ModelSource) -> torch.nn.Module:
@@ -28,9 +29,12 @@ def apply(model: torch.nn.Module, source: ModelSource) -> torch.nn.Module:
 def checkpoint_blocks(model: torch.nn.Module, name: str) -> None:
     """A Hugging Face model's own gradient checkpointing; elsewhere, each block of the model's largest
     nn.ModuleList (its repeated layers) recomputed in backward, non-reentrant as torch recommends."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if callable(enable) and getattr(model, "supports_gradient_checkpointing", False):
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "supports_gradient_checkpointing", False):
+        newer = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name; 4.x has the older only
+        if callable(newer):
+            newer(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return
     blocks = largest_block_list(model)
     if blocks is None:
@@ -54,10 +58,11 @@ def with_lora(model: torch.nn.Module, source: ModelSource) -> torch.nn.Module:
     assert lora is not None
     targets = list(lora.targets) if lora.targets else None
     try:
-        with _adapters_left_in_place_when_traced():
+        with _adapters_left_in_place_when_traced(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # peft asks transformers by its deprecated names
             return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=targets))  # type: ignore[no-any-return]
     except ValueError as error:  # peft's sentence: no default targets for the architecture, or none matched
-        detail = str(error).strip().splitlines()[0]
+        detail = first_line(error)
         raise BadInput(f"--lora on {source.text}: {detail} (name the modules to adapt: --lora r={lora.r},targets=a+b)") from None
 
 

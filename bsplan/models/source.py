@@ -94,8 +94,8 @@ class ModelSource:
 
     @property
     def path(self) -> Path:
-        """The model file, or the config's path after hf:."""
-        return Path(self.text[len(HF_PREFIX):] if self.kind is SourceKind.hf else self.text)
+        """The model file."""
+        return Path(self.text)
 
     def __str__(self) -> str:
         return self.text
@@ -105,7 +105,8 @@ class ModelSource:
         return replace(self, seq_len=seq_len)
 
     def settings(self) -> dict[str, object]:
-        """What was asked beyond the source itself, for the result: none of it when left at its default."""
+        """What was asked beyond the source itself, for the result: none of it when left at its default
+        (a Hugging Face source adds the task it resolved, measure/workload.py)."""
         values = {"task": self.task.value if self.task else None, "target_len": self.target_len,
                   "gradient_checkpointing": self.gradient_checkpointing or None,
                   "lora": str(self.lora) if self.lora else None, "attn": self.attn, "optimizer": self.optimizer}
@@ -130,6 +131,8 @@ class ModelSource:
             raise BadInput("give --input-shape or --vocab, not both: a factory's model takes one input")
         elif self.vocab is not None and self.seq_len is None:
             raise BadInput("--vocab needs --seq-len: the tokens per sample")
+        elif self.vocab is None and self.seq_len is not None:
+            raise BadInput(f"--seq-len applies to token ids (--vocab), not to the float input of {self.text}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise BadInput(f"unknown optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
         for option, value in (("--seq-len", self.seq_len), ("--target-len", self.target_len), ("--vocab", self.vocab),
@@ -166,8 +169,10 @@ def parse_lora(text: str | None) -> Lora | None:
     if "r" not in fields:
         raise BadInput(f"--lora {text} needs the rank: r=N")
     r = _positive(fields["r"], "--lora r")
-    targets = tuple(name for name in fields["targets"].split("+") if name) if "targets" in fields else None
-    return Lora(r, _positive(fields.get("alpha", str(2 * r)), "--lora alpha"), targets or None)
+    targets = tuple(name.strip() for name in fields["targets"].split("+")) if "targets" in fields else None
+    if targets is not None and not all(targets):
+        raise BadInput(f"--lora {text}: targets names modules joined by +, such as q_proj+v_proj")
+    return Lora(r, _positive(fields.get("alpha", str(2 * r)), "--lora alpha"), targets)
 
 
 def _positive(text: str, option: str) -> int:

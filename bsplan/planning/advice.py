@@ -3,6 +3,7 @@ for this plan, and its source."""
 
 from __future__ import annotations
 
+from bsplan.planning.noise import EFFICIENT_MULTIPLE, MCCANDLISH, MERRILL, NoiseEfficiency
 from bsplan.planning.plan import Limit, Plan, PlanOptions, PlanWarning
 from bsplan.planning.saved import SavedProbe
 from bsplan.planning.scaling import ADAM_FAMILY, GOYAL, LAMB, LARS, MA_YARATS, WU_HE, adam_warmup_steps
@@ -43,6 +44,8 @@ def plan_warnings(plan: Plan, options: PlanOptions) -> list[PlanWarning]:
             "stopped matching small-batch accuracy on ImageNet",
             f"{GOYAL}; {LARS}; {LAMB}",
         ))
+    if plan.noise is not None and plan.global_batch > EFFICIENT_MULTIPLE * plan.noise.noise_scale:
+        warnings.append(_noise_warning(plan.global_batch, plan.noise))
     if plan.accumulation_steps > 1:
         steps = plan.accumulation_steps
         warnings.append(PlanWarning(
@@ -104,3 +107,17 @@ def _warmup_warnings(plan: Plan, options: PlanOptions) -> list[PlanWarning]:
             f"the warmup of {warmup.steps} steps is longer than the {total} optimizer steps of the whole training", None,
         ))
     return warnings
+
+
+def _noise_warning(global_batch: int, noise: NoiseEfficiency) -> PlanWarning:
+    """A global batch past EFFICIENT_MULTIPLE noise scales: the steps it saves cost many more examples."""
+    scale, steps, examples = noise.noise_scale, noise.steps_ratio(global_batch), noise.examples_ratio(global_batch)
+    return PlanWarning(
+        "beyond-noise-scale",
+        f"use a smaller global batch (at most {noise.largest_efficient_batch}, {EFFICIENT_MULTIPLE:g}x the noise scale) and "
+        f"more optimizer steps, or a batch-size warmup that reaches {global_batch} only as the noise scale grows",
+        f"global batch {global_batch} is {global_batch / scale:.3g}x the gradient noise scale {scale:.4g}: it needs "
+        f"{steps:.3g}x the fewest optimizer steps but {examples:.3g}x the fewest training examples (and compute) to reach a "
+        "loss; the noise scale grows as the loss falls, so measure it again later",
+        f"{MCCANDLISH}, section 2.3 (S = S_min (1 + B/G), E = E_min (1 + G/B)); {MERRILL} (batch-size warmup)",
+    )

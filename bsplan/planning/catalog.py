@@ -4,7 +4,10 @@ GPU you do not have. Pure data and string matching: no torch, no NVML.
 Every number has a source in docs/gpus.md. `memory_bytes` is the total that NVML (nvidia-smi,
 `bsplan gpus`) reports for the card, which varies by a few hundred MiB between driver versions;
 `bf16_tflops` is the dense (not 2:4 sparse) bf16 tensor-core peak, None where the GPU has no
-bf16 tensor cores.
+bf16 tensor cores; `nvlink_gb_per_s` is the datasheet's NVLink bandwidth per GPU, both directions
+together (a collective sends at half of it), None where the card has none or bsplan has no source.
+AMD's cards are not seen by NVML: their `name` is the one ROCm gives (torch.cuda.get_device_name on a
+ROCm build of torch), their memory the datasheet's GB read as decimal (rocm-smi reports up to 7% more).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from bsplan.planning.errors import BadInput
 from bsplan.planning.record import Record
 
 MIB = 2**20
+GB = 10**9
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class GpuModel(Record):
     bandwidth_gb_per_s: float
     compute_capability: tuple[int, int]  # picks PyTorch's default cuBLAS workspace (memory_line.py)
     note: str = ""
+    nvlink_gb_per_s: float | None = None  # `bsplan routes` turns the bytes a strategy moves into seconds with it
 
 
 CATALOG: tuple[GpuModel, ...] = (
@@ -37,14 +42,29 @@ CATALOG: tuple[GpuModel, ...] = (
     GpuModel("A10G-24GB", "NVIDIA A10G", 23028 * MIB, 70, 600, (8, 6), "AWS G5; the A10 has 125 bf16 TFLOP/s"),
     GpuModel("L4-24GB", "NVIDIA L4", 23034 * MIB, 121, 300, (8, 9)),
     GpuModel("L40S-48GB", "NVIDIA L40S", 46068 * MIB, 362, 864, (8, 9)),
-    GpuModel("A100-SXM4-40GB", "NVIDIA A100-SXM4-40GB", 40960 * MIB, 312, 1555, (8, 0)),
-    GpuModel("A100-SXM4-80GB", "NVIDIA A100-SXM4-80GB", 81920 * MIB, 312, 2039, (8, 0)),
-    GpuModel("H100-SXM-80GB", "NVIDIA H100 80GB HBM3", 81559 * MIB, 989, 3350, (9, 0)),
+    GpuModel("A100-SXM4-40GB", "NVIDIA A100-SXM4-40GB", 40960 * MIB, 312, 1555, (8, 0), nvlink_gb_per_s=600),
+    GpuModel("A100-SXM4-80GB", "NVIDIA A100-SXM4-80GB", 81920 * MIB, 312, 2039, (8, 0), nvlink_gb_per_s=600),
+    GpuModel("H100-SXM-80GB", "NVIDIA H100 80GB HBM3", 81559 * MIB, 989, 3350, (9, 0), nvlink_gb_per_s=900),
     GpuModel("H100-PCIE-80GB", "NVIDIA H100 PCIe", 81559 * MIB, 756, 2000, (9, 0)),
-    GpuModel("H200-SXM-141GB", "NVIDIA H200", 143771 * MIB, 989, 4800, (9, 0)),
+    GpuModel("H200-SXM-141GB", "NVIDIA H200", 143771 * MIB, 989, 4800, (9, 0), nvlink_gb_per_s=900),
     GpuModel("RTX-3090-24GB", "NVIDIA GeForce RTX 3090", 24576 * MIB, 71, 936, (8, 6), "bf16 with fp32 accumulate"),
     GpuModel("RTX-4090-24GB", "NVIDIA GeForce RTX 4090", 24564 * MIB, 165, 1008, (8, 9), "bf16 with fp32 accumulate"),
     GpuModel("RTX-A6000-48GB", "NVIDIA RTX A6000", 49140 * MIB, 155, 768, (8, 6)),
+    GpuModel("H20-96GB", "NVIDIA H20", 97871 * MIB, 148, 4000, (9, 0), "China export part; no public NVIDIA datasheet",
+             nvlink_gb_per_s=900),
+    GpuModel("H200-NVL-141GB", "NVIDIA H200 NVL", 143771 * MIB, 835.5, 4800, (9, 0), "PCIe; NVLink bridge of 2 or 4",
+             nvlink_gb_per_s=900),
+    GpuModel("B200-180GB", "NVIDIA B200", 183359 * MIB, 2250, 7700, (10, 0), nvlink_gb_per_s=1800),
+    GpuModel("GB200-186GB", "NVIDIA GB200", 189471 * MIB, 2500, 8000, (10, 0), "one GPU of a Grace Blackwell superchip",
+             nvlink_gb_per_s=1800),
+    GpuModel("B300-288GB", "NVIDIA B300 SXM6 AC", 275040 * MIB, 2250, 8000, (10, 3), "Blackwell Ultra (HGX B300)",
+             nvlink_gb_per_s=1800),
+    GpuModel("RTX-5090-32GB", "NVIDIA GeForce RTX 5090", 32607 * MIB, 209.5, 1792, (12, 0), "bf16 with fp32 accumulate"),
+    GpuModel("RTX-PRO-6000-96GB", "NVIDIA RTX PRO 6000 Blackwell Workstation Edition", 97887 * MIB, 503.8, 1792, (12, 0),
+             "also Max-Q and Server Edition"),
+    GpuModel("MI300X-192GB", "AMD Instinct MI300X", 192 * GB, 1307.4, 5300, (9, 4), "ROCm, gfx942"),
+    GpuModel("MI325X-256GB", "AMD Instinct MI325X", 256 * GB, 1307.4, 6000, (9, 4), "ROCm, gfx942"),
+    GpuModel("MI355X-288GB", "AMD Instinct MI355X", 288 * GB, 2500, 8000, (9, 5), "ROCm, gfx950"),
 )
 
 
@@ -61,6 +81,9 @@ def find_gpu(text: str) -> GpuModel:
     refused with the choices."""
     wanted = _tokens(text)
     matches = [gpu for gpu in CATALOG if wanted and wanted <= _tokens(gpu.key) | _tokens(gpu.name)]
+    if len({gpu.memory_bytes for gpu in matches}) > 1:  # "gb200": its "gb" is a key's unit too; the name as written decides
+        whole = re.sub(r"[^a-z0-9]", "", text.lower())
+        matches = [gpu for gpu in matches if whole in re.sub(r"[^a-z0-9]", "", f"{gpu.key} {gpu.name}".lower())] or matches
     if matches and len({gpu.memory_bytes for gpu in matches}) == 1:
         return matches[0]
     if matches:

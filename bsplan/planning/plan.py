@@ -13,6 +13,7 @@ from typing import Any
 from bsplan.planning import checks
 from bsplan.planning.choices import Optimizer, PlanStrategy, ProbeLimit, Scaling, Strategy
 from bsplan.planning.errors import BadInput
+from bsplan.planning.noise import NoiseEfficiency, noise_efficiency
 from bsplan.planning.record import Record
 from bsplan.planning.saved import SavedProbe
 from bsplan.planning.scaling import LearningRate, Schedule, Warmup
@@ -50,11 +51,13 @@ class PlanOptions:
     seq_len: int | None = None  # tokens per sample: --target-tokens and --dataset-tokens in samples, and a sweep's row
     target_tokens: int | None = None  # the global batch as asked in tokens (global_batch is it in samples)
     dataset_tokens: int | None = None  # the dataset as given in tokens (dataset_size is it in samples)
+    noise: NoiseEfficiency | None = None  # --noise-scale: the gradient noise scale the global batch is weighed against
 
     @classmethod
     def from_cli(
         cls, *, target: int | None, target_tokens: str | int | None = None, seq_len: int | None = None,
-        dataset_size: int | None = None, dataset_tokens: str | int | None = None, **rest: Any,
+        dataset_size: int | None = None, dataset_tokens: str | int | None = None, noise_scale: str | float | None = None,
+        **rest: Any,
     ) -> PlanOptions:
         """The options of `bsplan plan`, with the global batch (and the dataset) given in samples or in
         tokens; tokens become whole samples of --seq-len here, so everything after plans in samples."""
@@ -76,7 +79,8 @@ class PlanOptions:
         if data_tokens is not None and seq_len is not None:
             dataset_size = -(-data_tokens // seq_len)  # a last partial sample is a sample, as a last partial batch is a step
         assert target is not None
-        return cls(target, seq_len=seq_len, target_tokens=tokens, dataset_size=dataset_size, dataset_tokens=data_tokens, **rest)
+        return cls(target, seq_len=seq_len, target_tokens=tokens, dataset_size=dataset_size, dataset_tokens=data_tokens,
+                   noise=noise_efficiency(noise_scale), **rest)
 
     def __post_init__(self) -> None:
         """Each choice made a member and each bad option refused with one sentence, before anything is computed."""
@@ -185,6 +189,7 @@ class Plan(Record):
     bucket_view: bool = False  # the limit assumes DDP's gradient_as_bucket_view (--bucket-view, or the probe ran so)
     seq_len: int | None = None  # --seq-len: tokens per sample
     target_tokens: int | None = None  # --target-tokens, as asked; global_batch is the whole samples it makes
+    noise: NoiseEfficiency | None = None  # --noise-scale
 
     @property
     def world_size(self) -> int:
@@ -233,4 +238,5 @@ class Plan(Record):
             "seq_len": self.seq_len,
             "target_tokens": self.target_tokens,
             "tokens_per_step": self.tokens_per_step,
+            "noise": None if self.noise is None else self.noise.at(self.global_batch),
         }

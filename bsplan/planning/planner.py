@@ -60,7 +60,7 @@ def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
         chosen_by=decomposition.chosen_by, limit=limit, optimizer=options.optimizer, learning_rate=learning_rate,
         warmup=warmup, schedule=schedule, notes=tuple(notes), strategy=limit.strategy or Strategy(options.strategy),
         strategies=strategies, bucket_view=_bucket_view(limit, options), seq_len=options.seq_len,
-        target_tokens=options.target_tokens,
+        target_tokens=options.target_tokens, noise=options.noise,
     )
     return replace(plan, warnings=tuple(plan_warnings(plan, options)))
 

@@ -163,7 +163,7 @@ def predict_for(measurement: Measurement, options: EstimateOptions) -> EstimateR
                      "collectives, their buffers and its own allocations were not traced")
     if measurement.own_units and layout.strategy in SHARDED_PARAMETERS:
         notes.append("the model file's shard_model(model) chooses its own FSDP units: the gathered units are counted as "
-                     "bsplan wraps them by default (each module that holds parameters directly)")
+                     "bsplan wraps them by default (the model's repeated blocks, docs/strategies.md)")
     if prediction.max_batch is None:
         notes.append(f"{_no_fit(line, overheads, device)}; {_sharding_that_fits(measured, states, device, overheads)}")
     if device.type == "cuda":

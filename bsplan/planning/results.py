@@ -7,7 +7,7 @@ with a new SCHEMA version (docs/json.md lists them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -248,10 +248,12 @@ class SweepRow(Record):
 @dataclass(frozen=True)
 class TokenBudget(Record):
     """The most tokens a micro-batch of any of the lengths may hold: the smallest max_tokens over the
-    lengths, and the length that sets it (for length-bucketed and token-budget samplers)."""
+    lengths, and the length that sets it (for length-bucketed and token-budget samplers). capped: some
+    length fitted every batch up to --max-batch, so the budget is at least this, not at most."""
 
     tokens: int
     seq_len: int
+    capped: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,25 +262,28 @@ class SweepResult(Record):
 
     command: str  # "probe" or "estimate"
     rows: tuple[SweepRow, ...]
-    interrupted: bool = False
+    interrupted: bool = False  # Ctrl-C: the rows are the lengths measured until then
     schema: str = SWEEP_SCHEMA
 
     @property
-    def model(self) -> ModelInfo:
-        return self.rows[0].result.model
+    def model(self) -> ModelInfo | None:
+        """The model as every row measured it, its length left to the rows; None before any row."""
+        return replace(self.rows[0].result.model, seq_len=None) if self.rows else None
 
     @property
     def token_budget(self) -> TokenBudget | None:
-        """None where some length fits no batch at all: no budget holds a sample of it."""
-        if not self.rows or any(row.max_tokens is None for row in self.rows):
+        """None where some length fits no batch at all (no budget holds a sample of it), or where the
+        sweep was interrupted (the lengths not measured may set it)."""
+        if self.interrupted or not self.rows or any(row.max_tokens is None for row in self.rows):
             return None
         row = min(self.rows, key=lambda row: (row.max_tokens, -row.seq_len))
-        return TokenBudget(row.max_tokens, row.seq_len)  # type: ignore[arg-type]
+        capped = any(row.result.capped_at is not None for row in self.rows)
+        return TokenBudget(row.max_tokens, row.seq_len, capped)  # type: ignore[arg-type]
 
     def document(self) -> dict[str, Any]:
-        budget = self.token_budget
+        budget, model = self.token_budget, self.model
         return {
-            "schema": self.schema, "command": self.command, "model": self.model.to_dict(),
+            "schema": self.schema, "command": self.command, "model": None if model is None else model.to_dict(),
             "sweep": [row.to_dict() for row in self.rows],
             "token_budget": None if budget is None else budget.to_dict(), "interrupted": self.interrupted,
         }

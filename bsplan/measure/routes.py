@@ -1,0 +1,66 @@
+"""`bsplan routes`' measurement: the training step of each setting of the knobs (precision, activation
+checkpointing, optimizer, LoRA) traced once on one replica against the budget, and each strategy's
+per-device limit predicted from that one trace as `bsplan estimate --strategy S --gpus N` predicts it
+(planning/prediction.py). Ranking and cost are planning/routes.py's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from bsplan.measure.estimate import measure_step
+from bsplan.measure.options import Progress
+from bsplan.models.source import ModelSource
+from bsplan.planning.choices import Method, Strategy
+from bsplan.planning.errors import BsplanError
+from bsplan.planning.prediction import predict_for
+from bsplan.planning.results import EstimateResult, Trial
+from bsplan.planning.routes import STRATEGIES, Knobs, Measured, RoutesOptions, RoutesResult, make_routes, matrix
+from bsplan.planning.strategies import Layout
+
+
+def run_routes(source: ModelSource, options: RoutesOptions, progress: Progress) -> RoutesResult:
+    """Every route. The model's own setup is traced first: where it fails the model does, and that
+    error is the command's; a later setting that fails (a model with no blocks to checkpoint, LoRA
+    without peft) leaves its routes unmeasured, with the reason."""
+    variants = matrix(options.lora is not None)
+    measured: list[Measured] = []
+    for index, knobs in enumerate(variants, 1):
+        progress.note(f"route {index}/{len(variants)}: {knobs.label()} ...")
+        try:
+            measured.append((knobs, _estimates(_variant(source, knobs), knobs, options, progress)))
+        except BsplanError as error:
+            if index == 1:
+                raise
+            progress.note(f"  not measured: {error}")
+            measured.append((knobs, f"not measured: {error}"))
+    return make_routes(options, measured)
+
+
+def _variant(source: ModelSource, knobs: Knobs) -> ModelSource:
+    return replace(source, gradient_checkpointing=knobs.activation_checkpointing, lora=source.lora if knobs.lora else None,
+                   optimizer=None if knobs.optimizer == "own" else knobs.optimizer)
+
+
+def _estimates(source: ModelSource, knobs: Knobs, options: RoutesOptions, progress: Progress) -> dict[Strategy, EstimateResult]:
+    """One measurement of the step, and the prediction under each strategy at the world size from it."""
+    estimate = replace(options.estimate, precision=knobs.precision)
+    measurement, _, _ = measure_step(source, estimate, _Quiet(), compose=False)
+    if not measurement.traced:
+        progress.note(f"  {measurement.notes[0]}")
+    world, method = options.plan.world_size, Method.trace if measurement.traced else Method.run
+    return {strategy: replace(predict_for(measurement, replace(estimate, layout=Layout(strategy, world))), method=method)
+            for strategy in STRATEGIES}
+
+
+class _Quiet:
+    """A trace's own progress, left out: the routes report one line per setting instead."""
+
+    def started(self, batch: int) -> None:
+        pass
+
+    def finished(self, trial: Trial) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass

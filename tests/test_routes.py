@@ -1,0 +1,205 @@
+"""`bsplan routes`: the matrix, the direction each knob moves memory, the ranking, the JSON, the export,
+and the per-device limit against `bsplan estimate`'s for the same setting."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLES, MODELS, bsplan
+
+from bsplan.measure.estimate import measure_step, run_estimate
+from bsplan.measure.routes import run_routes
+from bsplan.models.source import ModelSource
+from bsplan.planning.catalog import find_gpu
+from bsplan.planning.choices import Precision, Strategy
+from bsplan.planning.errors import BadInput
+from bsplan.planning.prediction import EstimateOptions
+from bsplan.planning.route_export import export_route
+from bsplan.planning.routes import (
+    OPTIMIZERS, PRECISIONS, STRATEGIES, Knobs, Route, RoutesOptions, RoutesResult, matrix, parse_current,
+)
+from bsplan.planning.strategies import Layout
+from bsplan.planning.units import parse_size
+
+TINY = MODELS / "tiny.py"
+BUDGET = "340KiB"  # tiny's AdamW replica does not fit with DDP's buckets; most other routes do, some below their cap
+ROUTE_FIELDS = {
+    "route", "precision", "activation_checkpointing", "optimizer", "strategy", "lora", "world_size", "fits", "max_micro_batch",
+    "micro_batch", "accumulation_steps", "relative_compute", "communication_bytes", "communication_seconds", "changes", "miss",
+    "sources", "rank", "predicted_step_seconds",
+}
+
+
+class Quiet:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def started(self, batch: int) -> None:
+        pass
+
+    def finished(self, trial: object) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def _options(**given: object) -> RoutesOptions:
+    values: dict[str, object] = dict(target=512, target_tokens=None, seq_len=None, gpus=4, nodes=1, gpu=None, memory=BUDGET,
+                                     current=None, interconnect=None, lora=None, route=None, exporting=False)
+    return RoutesOptions.from_cli(**{**values, **given})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[RoutesResult, RoutesOptions, list[str]]:
+    progress, options = Quiet(), _options()
+    return run_routes(ModelSource(str(TINY)), options, progress), options, progress.lines
+
+
+def _route(result: RoutesResult, precision: str, checkpointing: bool, optimizer: str, strategy: str) -> Route:
+    return next(r for r in result.routes if (r.precision, r.activation_checkpointing, r.optimizer, r.strategy)
+                == (precision, checkpointing, optimizer, strategy))
+
+
+def test_the_matrix_has_every_combination_numbered_once(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:
+    result, _, progress = tiny
+    found = {(r.precision, r.activation_checkpointing, r.optimizer, r.strategy, r.lora) for r in result.routes}
+    assert found == set(itertools.product(PRECISIONS, (False, True), OPTIMIZERS, STRATEGIES, (False,)))
+    assert sorted(r.route for r in result.routes) == list(range(1, 49))
+    assert [line for line in progress if line.startswith("route ")][2] == "route 3/12: fp32 + adafactor ..."
+    with_lora = matrix(lora=True)
+    assert len(with_lora) == 24 and {k.lora for k in with_lora} == {False, True} and with_lora[0] == Knobs()
+
+
+def test_each_knob_moves_memory_the_documented_way(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:
+    result, _, _ = tiny
+    by_knobs: dict[tuple[object, ...], dict[str, int]] = {}
+    for route in result.routes:
+        if route.sources:  # measured
+            knobs = (route.precision, route.activation_checkpointing, route.optimizer)
+            by_knobs.setdefault(knobs, {})[route.strategy] = route.max_micro_batch or 0
+    assert len(by_knobs) == 6  # tiny has no blocks to checkpoint: those six settings are not measured
+    for limits in by_knobs.values():
+        assert limits["zero2"] >= limits["ddp"]  # sharding frees states, and DDP's buckets go
+    options = EstimateOptions(memory_bytes=parse_size(BUDGET), max_batch=128)
+    own, sgd = (measure_step(ModelSource(str(TINY), optimizer=name), options, Quiet(), compose=False)[0].breakdown
+                for name in (None, "sgd"))
+    assert sgd.optimizer_state_bytes == sgd.parameter_bytes  # SGD's momentum, one buffer
+    assert own.optimizer_state_bytes - 2 * own.parameter_bytes == 16  # AdamW's two moments, and a step count per tensor
+
+
+def test_checkpointing_lowers_the_bytes_per_sample_of_the_transformer() -> None:
+    options = EstimateOptions(memory_bytes=parse_size("300MiB"), max_batch=64)
+    plain, checkpointed = (measure_step(ModelSource(str(EXAMPLES / "transformer.py"), gradient_checkpointing=on), options, Quiet(),
+                                        compose=False)[0].line.per_sample_bytes for on in (False, True))
+    assert checkpointed < plain / 2
+
+
+def test_fitting_routes_are_ranked_and_the_rest_listed_apart(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:
+    result, _, _ = tiny
+    fitting = [r for r in result.routes if r.fits]
+    rest = result.routes[len(fitting):]
+    assert fitting and rest and not any(r.fits for r in rest)
+    assert [r.rank for r in fitting] == list(range(1, len(fitting) + 1)) and {r.rank for r in rest} == {None}
+    key = [(round(r.relative_compute, 9), r.communication_bytes, r.changes, r.accumulation_steps) for r in fitting]
+    assert key == sorted(key)
+    assert result.recommended == fitting[0].route
+    best = fitting[0]
+    assert (best.precision, best.strategy, best.relative_compute) == ("bf16", "zero2", 0.5)  # bf16 halves the modelled compute
+    assert best.micro_batch * best.accumulation_steps * best.world_size == 512 and best.micro_batch <= best.max_micro_batch
+    ddp = _route(result, "fp32", False, "own", "ddp")
+    assert not ddp.fits and ddp.miss.startswith("batch 1 needs 493 KiB of 340 KiB")
+    checkpointed = _route(result, "fp32", True, "own", "ddp")
+    assert checkpointed.miss.startswith("not measured: --gradient-checkpointing is not supported")
+
+
+def test_changes_and_cost_count_from_the_current_setup(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:
+    result, _, _ = tiny
+    zero2 = _route(result, "bf16", True, "sgd", "zero2")
+    assert zero2.changes == 4 and zero2.relative_compute == pytest.approx(2 / 3)
+    knobs, strategy = parse_current("bf16,checkpointing,zero2", lora=False)
+    assert (knobs, strategy) == (Knobs(Precision.bf16, True), Strategy.zero2) and knobs.compute(None) == pytest.approx(2 / 3)
+    assert knobs.compute(find_gpu("v100 sxm2")) == pytest.approx(4 / 3)  # no bf16 tensor cores: bf16 gains nothing
+    ddp, fsdp = (_route(result, "fp32", False, "sgd", s) for s in ("ddp", "fsdp"))
+    assert fsdp.communication_bytes == 1.5 * ddp.communication_bytes  # ZeRO section 7: 3 against 2 x
+    assert ddp.communication_seconds is None  # no bandwidth for a --memory budget
+
+
+def test_bandwidth_from_the_catalogue_or_the_option() -> None:
+    on = dict(memory=None, gpu="h100", target=64)
+    assert _options(**on).bandwidth()[0] == 450  # 900 GB/s both ways: half each way
+    assert _options(**on, nodes=2, gpus=8).bandwidth()[0] is None  # NVLink is within a node
+    assert _options(**on, interconnect=100.0).bandwidth()[0] == 100
+    assert find_gpu("l4").nvlink_gb_per_s is None
+
+
+def test_json_has_the_documented_fields(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:
+    result, _, _ = tiny
+    data = json.loads(json.dumps(result.to_dict()))
+    assert {"schema", "routes", "recommended", "target", "world_size", "device", "notes", "model", "current"} <= set(data)
+    assert (data["schema"], data["target"], data["world_size"], data["recommended"]) == ("bsplan.routes/1", 512, 4, result.recommended)
+    for route in data["routes"]:
+        assert set(route) == ROUTE_FIELDS and route["predicted_step_seconds"] is None
+    measured = next(r for r in data["routes"] if r["fits"])
+    assert measured["sources"]["max_micro_batch"] == "traced" and measured["sources"]["relative_compute"] == "modelled"
+    adafactor = next(r for r in data["routes"] if r["optimizer"] == "adafactor" and r["sources"])
+    assert adafactor["sources"]["max_micro_batch"] == "cpu-steps"  # Adafactor reads a value: real steps instead of a trace
+    assert any(note.startswith("measured:") for note in data["notes"]) and any("modelled" in note for note in data["notes"])
+
+
+def test_deepspeed_export_is_the_chosen_route(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:
+    result, options, _ = tiny
+    exported, _ = export_route(result, options, "deepspeed")
+    best = next(r for r in result.routes if r.route == result.recommended)
+    config = json.loads(exported.text)
+    assert config["bf16"] == {"enabled": True} and config["zero_optimization"] == {"stage": 2}
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (
+        512, best.micro_batch, best.accumulation_steps)
+    fp32_sgd = _route(result, "fp32", False, "sgd", "zero1")
+    exported, _ = export_route(result, replace(options, route=fp32_sgd.route), "hf")
+    arguments = json.loads(exported.text)
+    assert "bf16" not in arguments and arguments["deepspeed"]["zero_optimization"] == {"stage": 1}
+    assert any("torch.optim.SGD" in note for note in exported.notes)
+    missing = _route(result, "fp32", False, "own", "ddp")
+    with pytest.raises(BadInput, match="does not fit"):
+        export_route(result, replace(options, route=missing.route), "deepspeed")
+
+
+def test_a_route_limit_is_the_estimate_of_its_setting(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:
+    result, _, _ = tiny
+    route = _route(result, "fp32", False, "sgd", "zero2")
+    options = EstimateOptions(memory_bytes=parse_size(BUDGET), max_batch=128, layout=Layout(Strategy.zero2, 4))
+    estimate = run_estimate(ModelSource(str(TINY), optimizer="sgd"), options, Quiet())
+    assert route.max_micro_batch == estimate.max_batch < 128
+
+
+@pytest.mark.parametrize("given, sentence", [
+    ({"target": None}, "give the global batch once"),
+    ({"target_tokens": "4K", "seq_len": 8}, "give the global batch once"),
+    ({"route": 49, "exporting": True}, "--route 49 is not a route: they are numbered 1 to 48"),
+    ({"route": 3}, "--route K picks the route --format exports"),
+    ({"memory": None}, "give --gpu NAME"),
+    ({"target": 510}, "cannot split global batch 510 exactly"),
+    ({"current": "bf16,fp32"}, "sets the precision twice"),
+    ({"current": "lora"}, "--current lora needs --lora"),
+])
+def test_bad_input_is_one_sentence(given: dict[str, object], sentence: str) -> None:
+    with pytest.raises(BadInput, match=sentence.replace("(", r"\(")):
+        _options(**given)
+
+
+@pytest.mark.slow
+def test_the_command_matches_estimate_and_refuses_bad_input(tmp_path: Path) -> None:
+    run = bsplan("routes", str(TINY), "--memory", BUDGET, "--target", "512", "--gpus", "4", "--json", "--output", str(tmp_path / "r.json"))
+    assert run.code == 0, run.stderr
+    assert "route 3/12: fp32 + adafactor ..." in run.stderr
+    route = next(r for r in run.json()["routes"] if r["route"] == 2)  # fp32, the model's own AdamW, zero1
+    estimate = bsplan("estimate", str(TINY), "--memory", BUDGET, "--strategy", "zero1", "--gpus", "4", "--max-batch", "128", "--json")
+    assert route["max_micro_batch"] == estimate.json()["max_batch"] < 128
+    assert json.loads((tmp_path / "r.json").read_text())["recommended"] == run.json()["recommended"]
+    bad = bsplan("routes", str(TINY), "--memory", BUDGET, "--gpus", "4", "--format", "deepspeed", "--target", "512", "--route", "0")
+    assert bad.code == 2 and bad.stderr.strip().splitlines() == ["error: --route 0 is not a route: they are numbered 1 to 48"]
