@@ -60,7 +60,8 @@ def load_config(source: ModelSource) -> Any:
             if model_type is None:
                 raise BadInput(f"{path} has no model_type, so no architecture to build")
             return transformers.AutoConfig.for_model(model_type, **data)
-        return transformers.AutoConfig.from_pretrained(where, trust_remote_code=source.trust_remote_code)
+        return transformers.AutoConfig.from_pretrained(where, trust_remote_code=source.trust_remote_code,
+                                                       local_files_only=not _hub_reachable())
     except BadInput:
         raise
     except Exception as error:  # noqa: BLE001 - transformers' own errors for a config it cannot read, each one sentence here
@@ -71,6 +72,24 @@ def load_config(source: ModelSource) -> Any:
             raise BadInput(f"{where} defines its model in its own code: pass --trust-remote-code if you trust it") from None
         raise BadInput(f"no Hugging Face config {where!r}: not a local path, and the hub could not give it "
                        f"(offline, unreachable or unknown: {message})") from None
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub's host resolves: where it does not (offline, a sandbox), only the local cache is
+    asked, at once, instead of retrying the network for half a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443)
+    except OSError:
+        return False
+    return True
 
 
 def task_of(config: Any, asked: Task | None) -> Task:
