@@ -101,9 +101,9 @@ def test_multiple_of_that_does_not_divide_names_the_nearest_multiples() -> None:
         make_plan(PlanOptions(1024, gpus_per_node=4, max_micro=48, multiple_of=3))
 
 
-def test_a_target_below_one_sample_per_device_names_only_the_batch_above() -> None:
+def test_a_target_below_one_sample_per_device_names_only_the_batch_above(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match=r"nearest achievable global batch is 8 \(micro-batch 1 x 1 accumulation step\)$"):
-        make_plan(PlanOptions(5, gpus_per_node=8))
+        make_plan(PlanOptions(5, gpus_per_node=8), cwd=tmp_path)  # no saved probe there to take a limit from
 
 
 def test_a_multiple_of_above_the_limit_is_refused() -> None:
