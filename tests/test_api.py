@@ -92,3 +92,8 @@ def test_bad_input_and_user_errors_raise_as_the_commands_report_them() -> None:
 
     with pytest.raises(UserCodeError, match="mat1 and mat2"):
         bsplan.probe(build_model, broken, device="cpu", memory_limit="8MiB")
+
+
+def test_lambdas_cannot_go_to_other_processes_and_say_so() -> None:
+    with pytest.raises(BadInput, match="cannot receive local functions or lambdas"):
+        bsplan.probe(lambda: build_model(), make_batch, device="cpu", memory_limit="8MiB", nproc=2, strategy="ddp")

@@ -48,4 +48,6 @@ def test_fit_batch_sets_the_largest_batch_and_keeps_the_global_batch(tmp_path: P
     assert args.per_device_train_batch_size <= largest
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 1024
     assert all(torch.equal(before[name], value) for name, value in trainer.model.state_dict().items())
+    # The Trainer trains with that batch: its own DataLoader makes batches of it.
+    assert next(iter(trainer.get_train_dataloader()))["input_ids"].shape[0] == args.per_device_train_batch_size
     assert trainer.train().global_step == 1

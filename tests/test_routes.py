@@ -145,9 +145,9 @@ def test_json_has_the_documented_fields(tiny: tuple[RoutesResult, RoutesOptions,
     for route in data["routes"]:
         assert set(route) == ROUTE_FIELDS and route["predicted_step_seconds"] is None
     measured = next(r for r in data["routes"] if r["fits"])
-    assert measured["sources"]["max_micro_batch"] == "traced" and measured["sources"]["relative_compute"] == "modelled"
+    assert measured["sources"]["max_micro_batch"] == "traced+arithmetic" and measured["sources"]["relative_compute"] == "modelled"
     adafactor = next(r for r in data["routes"] if r["optimizer"] == "adafactor" and r["sources"])
-    assert adafactor["sources"]["max_micro_batch"] == "cpu-steps"  # Adafactor reads a value: real steps instead of a trace
+    assert adafactor["sources"]["max_micro_batch"] == "cpu-steps+arithmetic"  # Adafactor reads a value: real steps instead of a trace
     assert any(note.startswith("measured:") for note in data["notes"]) and any("modelled" in note for note in data["notes"])
 
 

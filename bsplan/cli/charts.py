@@ -9,6 +9,7 @@ the Agg canvas: no window, no global state.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -47,6 +48,11 @@ def check_plot(path: Path | None, has_trials: bool = True) -> None:
         raise BadInput(f"--plot {path} must name a .png or .svg file")
     if not has_trials:
         raise BadInput("--plot draws a model's trials and --params has none: give MODEL instead")
+    if path.is_dir():
+        raise BadInput(f"--plot {path} is a directory: name a file in it, such as {path / 'probe.png'}")
+    folder = next((parent for parent in path.parents if parent.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise BadInput(f"--plot {path} cannot be written: {folder} is not a folder this process may write in")
     if importlib.util.find_spec("matplotlib") is None:
         raise BadInput("--plot needs matplotlib, which is not installed: pip install 'bsplan[plot]'")
 

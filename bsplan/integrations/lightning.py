@@ -74,15 +74,20 @@ class BatchSizeFinder(Callback):
         def optimizer(parameters: Any) -> torch.optim.Optimizer:
             return _first_optimizer(held["module"].configure_optimizers())
 
-        with _no_logging(pl_module):
-            self.result = probe(build_model, make_batch, loss=loss, optimizer=optimizer, device=str(device),
-                                memory_limit=self.memory_limit, steps=self.steps_per_trial, min_batch=self.init_val,
-                                max_batch=self.max_val)
-        pl_module.load_state_dict(saved)
-        found = self.result.max_batch
-        if found is None:
-            raise BadInput(f"not even batch {self.init_val} fits: {'; '.join(self.result.notes)}")
-        found = _smallest_over_ranks(trainer, max(1, math.floor(found * (1 - self.margin))))
+        precision = str(trainer.precision)
+        autocast = "bf16" if "bf16" in precision else "fp16" if precision.startswith("16") else "fp32"
+        try:
+            with _no_logging(pl_module):
+                self.result = probe(build_model, make_batch, loss=loss, optimizer=optimizer, device=str(device),
+                                    memory_limit=self.memory_limit, steps=self.steps_per_trial, min_batch=self.init_val,
+                                    max_batch=self.max_val, precision=autocast)
+        finally:  # the trials trained the module (or a copy of it): its weights as they were, whatever happened
+            pl_module.load_state_dict(saved)
+        largest = self.result.max_batch
+        # Every rank takes part in the agreement, one that fits nothing too (0), so that none waits for it.
+        found = _smallest_over_ranks(trainer, 0 if largest is None else max(1, math.floor(largest * (1 - self.margin))))
+        if found == 0:
+            raise BadInput(f"not even batch {self.init_val} fits on every device: {'; '.join(self.result.notes)}")
         if self.target_global_batch is not None:
             split = plan(self.target_global_batch, gpus=trainer.world_size, max_micro=found)
             found = split.micro_batch

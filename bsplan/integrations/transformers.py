@@ -56,12 +56,16 @@ def fit_batch(trainer: Trainer, global_batch: int | None = None, memory_limit: i
         return optimizer_class(parameters, **optimizer_options)  # type: ignore[no-any-return]
 
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    result = probe(build_model, make_batch, loss=loss, optimizer=optimizer, device=str(device), memory_limit=memory_limit,
-                   precision=precision, steps=max(2, steps), max_batch=max_batch)
-    trainer.model.load_state_dict(saved)
+    try:
+        result = probe(build_model, make_batch, loss=loss, optimizer=optimizer, device=str(device), memory_limit=memory_limit,
+                       precision=precision, steps=max(2, steps), max_batch=max_batch)
+    finally:  # the trials trained the model (or a copy of it): its weights as they were, whatever happened
+        trainer.model.load_state_dict(saved)
     if result.max_batch is None:
         raise BadInput(f"not even batch 1 fits: {'; '.join(result.notes)}")
     split = plan(target, gpus=world, max_micro=result.max_batch)
     args.per_device_train_batch_size = split.micro_batch
     args.gradient_accumulation_steps = split.accumulation_steps
+    if hasattr(trainer, "_train_batch_size"):  # the Trainer copies the batch size when it is made, and trains with the copy
+        trainer._train_batch_size = args.train_batch_size
     return result

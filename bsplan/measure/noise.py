@@ -21,7 +21,7 @@ from bsplan.backends.device import open_device
 from bsplan.measure.oom import Failure, classify
 from bsplan.measure.workload import Batch, Workload, _is_batch, _to_device, load_workload, user_error
 from bsplan.models.source import ModelSource
-from bsplan.planning.errors import BadInput, BsplanError
+from bsplan.planning.errors import BadInput, BsplanError, first_line
 from bsplan.planning.noise import (
     MIN_STEPS, ExactNoise, NoiseOptions, NoiseResult, NoiseSample, batch_sizes, ratio, relative_error, unbiased,
 )
@@ -109,19 +109,19 @@ def _model(workload: Workload, checkpoint: Path | None, device: torch.device) ->
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise BadInput(f"cannot read --checkpoint {checkpoint} as a saved state dict: {_one_line(error)}") from None
+            raise BadInput(f"cannot read --checkpoint {checkpoint} as a state dict that torch.save wrote ({_said(error)})") from None
         if not isinstance(state, dict):
             raise BadInput(f"--checkpoint {checkpoint} holds a {type(state).__name__}, "
                            "not a state dict (torch.save(model.state_dict()))")
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
-            raise BadInput(f"--checkpoint {checkpoint} does not fit the model of {workload.name}: {_one_line(error)}") from None
+            raise BadInput(f"--checkpoint {checkpoint} does not fit the model of {workload.name}: {_said(error)}") from None
     return model.to(device).train()
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__
+def _said(error: BaseException) -> str:
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def _batches(workload: Workload, size: int, device: torch.device, real: bool) -> Iterator[Batch]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 import signal
 import threading
 from dataclasses import replace
@@ -50,12 +51,20 @@ def run_probe(model_source: SourceLike, options: ProbeOptions, progress: Progres
     elif options.strategy == "none":
         local = LocalTrials(workload, options, backend=backend)
         why = why_restart(local.device_backend.outside_limit)
+        if why and not _sendable(model_source):
+            why = None
+            progress.note("the model's functions are local functions or lambdas, which a fresh process cannot receive: "
+                          "the trials run in this process, where a failed trial's address space stays held, so the "
+                          "answer may fall below what a fresh training process fits")
         if why:
             options = replace(options, steps=max(options.steps, BAND_STEPS))
         elif backend is None and options.search == "predict":
             aim = traced_answer(model_source, options, local.device.total_bytes, progress)
         source = World(model_source, options, why) if why else local
     else:
+        if not _sendable(model_source):
+            raise BadInput(f"--nproc {options.nproc} runs the trials in other processes, which cannot receive local functions "
+                           "or lambdas: give functions defined at a module's top level")
         source = World(model_source, options)
     with source:
         for note in source.notes:
@@ -243,3 +252,16 @@ def _no_fit_message(first_fail: int | None, breakdown: Breakdown, total: int) ->
         f"optimizer state {format_bytes(breakdown.optimizer_state_bytes)}), {verdict} the {format_bytes(total)} available. "
         "Try --precision bf16, a smaller model, or sharding the model state (FSDP / ZeRO)."
     )
+
+
+def _sendable(model_source: SourceLike) -> bool:
+    """Whether another process can receive the model: a file or a config always; Python functions
+    (bsplan.probe, the integrations) only by reference, which local functions and lambdas have not."""
+    callables = getattr(model_source, "callables", None)
+    if callables is None:
+        return True
+    try:
+        pickle.dumps(callables)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return False
+    return True

@@ -229,7 +229,7 @@ def _route(estimates: dict[Strategy, EstimateResult] | str, options: RoutesOptio
     parameters, gradients = COMMUNICATED[fields["strategy"]]
     sent = 0 if world == 1 else round(parameters * estimate.breakdown.parameter_bytes + gradients * estimate.breakdown.gradient_bytes)
     sending = dict(communication_bytes=sent, communication_seconds=None if bandwidth is None else sent / (bandwidth * 1e9),
-                   sources={"max_micro_batch": "traced" if estimate.method == "trace" else "cpu-steps",
+                   sources={"max_micro_batch": ("traced" if estimate.method == "trace" else "cpu-steps") + "+arithmetic",
                             "model_states_per_device": "arithmetic", "relative_compute": "modelled",
                             "communication_bytes": "modelled", "communication_seconds": "modelled"})
     most = estimate.max_batch
