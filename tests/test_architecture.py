@@ -19,7 +19,7 @@ MAY_IMPORT = {
     "runtime": {"planning", "backends", "models", "measure", "runtime"},
     "cli": {"planning", "backends", "models", "measure", "runtime", "cli"},
     "api": {"planning", "backends", "models", "measure", "runtime", "api"},
-    "integrations": {"planning", "models", "api", "integrations"},
+    "integrations": {"planning", "backends", "models", "measure", "api", "integrations"},
     "autobatch": {"runtime"},
     "__init__": {"api"},
 }
