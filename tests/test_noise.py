@@ -322,3 +322,12 @@ def test_the_noise_scale_is_read_from_a_saved_result(tmp_path: Path) -> None:
     saved.write_text(json.dumps({"schema": "bsplan.noise/1", "noise_scale": None}))
     with pytest.raises(BadInput, match="holds no noise scale"):
         noise_efficiency(str(saved))
+
+
+def test_a_result_from_few_steps_says_its_interval_is_noise() -> None:
+    from bsplan.planning.noise import NoiseResult, NoiseSample
+
+    samples = [NoiseSample(1.0, 50.0), NoiseSample(1.2, 40.0)]
+    few = NoiseResult.of(samples, model="m.py", device="cpu", data="train_batches", checkpoint=None, small_batch=8,
+                         big_batch=64, stopped="max-steps", max_steps=2, rel_error=0.1, seconds=0.1, seed=0)
+    assert any("only 2 steps measured" in note for note in few.notes)

@@ -227,6 +227,9 @@ class NoiseResult(Record):
         elif value is not None and value <= 0:
             notes.append("the mean tr(Σ) estimate is not positive: the gradient barely varies between batches of "
                          "--small-batch, so the noise scale is below what they resolve; lower --small-batch")
+        if 0 < n < MIN_STEPS:
+            notes.append(f"only {n} steps measured: an interval and a standard error from so few are themselves noise "
+                         f"(at least {MIN_STEPS} steps: raise --max-steps)")
         return cls(
             steps=n, noise_scale=value, noise_scale_low=low, noise_scale_high=high,
             relative_error=None if math.isinf(error) else error,
