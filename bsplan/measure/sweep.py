@@ -15,11 +15,11 @@ class Notes(Protocol):
 
 def sweep(command: str, measure: Callable[[ModelSource], ProbeResult | EstimateResult], source: ModelSource,
           lengths: tuple[int, ...], progress: Notes) -> SweepResult:
-    """Measure each length. Every length is checked before the first is measured (a length the model
-    cannot take is refused at once, not after the others ran); Ctrl-C ends the sweep, keeping the
-    lengths measured until then."""
-    for length in lengths:
-        load_workload(source.at(length))
+    """Measure each length. The lengths are checked before the first is measured (a length the model
+    cannot take is refused at once, not after the others ran): the longest is the one a config's
+    positions can refuse, and a model file's make_batch takes any or none; Ctrl-C ends the sweep,
+    keeping the lengths measured until then."""
+    load_workload(source.at(max(lengths)))
     rows: list[SweepRow] = []
     for number, length in enumerate(lengths, 1):
         progress.note(f"seq_len {length} ({number} of {len(lengths)})")
