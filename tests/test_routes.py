@@ -17,6 +17,8 @@ from bsplan.models.source import ModelSource
 from bsplan.planning.catalog import find_gpu
 from bsplan.planning.choices import Precision, Strategy
 from bsplan.planning.errors import BadInput
+from bsplan.planning.export import export_plan
+from bsplan.planning.planner import make_plan
 from bsplan.planning.prediction import EstimateOptions
 from bsplan.planning.route_export import export_route
 from bsplan.planning.routes import (
@@ -147,7 +149,7 @@ def test_json_has_the_documented_fields(tiny: tuple[RoutesResult, RoutesOptions,
     measured = next(r for r in data["routes"] if r["fits"])
     assert measured["sources"]["max_micro_batch"] == "traced+arithmetic" and measured["sources"]["relative_compute"] == "modelled"
     adafactor = next(r for r in data["routes"] if r["optimizer"] == "adafactor" and r["sources"])
-    assert adafactor["sources"]["max_micro_batch"] == "cpu-steps+arithmetic"  # Adafactor reads a value: real steps instead of a trace
+    assert adafactor["sources"]["max_micro_batch"] == "traced+arithmetic"  # the values its step reads are answered in the trace
     assert any(note.startswith("measured:") for note in data["notes"]) and any("modelled" in note for note in data["notes"])
 
 
@@ -167,6 +169,22 @@ def test_deepspeed_export_is_the_chosen_route(tiny: tuple[RoutesResult, RoutesOp
     missing = _route(result, "fp32", False, "own", "ddp")
     with pytest.raises(BadInput, match="does not fit"):
         export_route(result, replace(options, route=missing.route), "deepspeed")
+
+
+def test_a_plan_from_a_saved_routes_result_takes_its_recommended_route(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:
+    result, options, _ = tiny
+    best = next(r for r in result.routes if r.route == result.recommended)
+    saved = json.loads(json.dumps(result.to_dict()))
+    plan = make_plan(replace(options.plan, probe_result=saved, global_batch=1024))
+    assert (plan.limit.micro_batch, plan.limit.strategy, plan.strategy) == (best.max_micro_batch, best.strategy, best.strategy)
+    assert plan.micro_batch * plan.accumulation_steps * 4 == 1024 and plan.micro_batch <= best.max_micro_batch
+    assert any(f"(route {best.route})" in note and "with no headroom" in note for note in plan.notes)
+    config = json.loads(export_plan(plan, "deepspeed").text)  # the route's knobs, as `routes --format deepspeed` exports them
+    assert config["bf16"] == {"enabled": True} and config["zero_optimization"] == {"stage": 2}
+    with pytest.raises(BadInput, match="not on 8 devices"):  # a sharded route's limit holds at its own world size only
+        make_plan(replace(options.plan, probe_result=saved, gpus_per_node=8))
+    with pytest.raises(BadInput, match="--strategy recomputes a probe's limit from its memory line"):
+        make_plan(replace(options.plan, probe_result=saved, strategy="zero1"))
 
 
 def test_a_route_limit_is_the_estimate_of_its_setting(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:

@@ -37,6 +37,7 @@ def _trial(device: CpuDevice | FakeDevice, model_file: Path, batch: int, precisi
     (MODELS / "tiny.py", 64, "bf16", "train"),  # autocast
     (MODELS / "tiny.py", 64, "fp16", "train"),  # autocast and a GradScaler that always steps
     (MODELS / "tiny.py", 64, "fp32", "infer"),  # inference_mode
+    (MODELS / "adafactor.py", 64, "fp32", "train"),  # a step that reads values, answered in the trace
     (MODELS / "dict_loss.py", 24, "fp32", "train"),  # a dict batch and an output with .loss
     (EXAMPLES / "transformer.py", 6, "fp32", "train"),  # nn.TransformerEncoder deep-copies its fake layer
     pytest.param(MODELS / "llama_small.py", 4, "fp32", "train", marks=NEEDS_TRANSFORMERS),  # a Hugging Face Llama

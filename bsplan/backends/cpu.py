@@ -231,5 +231,8 @@ class CpuDevice:
     def release(self) -> None:
         trim_heap()
 
+    def stepping(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
     def synchronize(self) -> None:
         """CPU kernels finish before they return."""

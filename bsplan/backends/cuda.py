@@ -91,3 +91,6 @@ class CudaDevice:
 
     def synchronize(self) -> None:
         self.cuda.synchronize(self.index)
+
+    def stepping(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()

@@ -7,10 +7,11 @@ compute: a model of any size traces on a laptop (measure/trace.py)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bsplan.backends.cpu import TensorBytesLimit
 from bsplan.planning.results import DeviceInfo
@@ -71,3 +72,22 @@ class FakeDevice:
 
     def synchronize(self) -> None:
         """Nothing runs."""
+
+    def stepping(self) -> contextlib.AbstractContextManager[None]:
+        return _ScalarsReadAsOne()
+
+
+class _ScalarsReadAsOne(TorchDispatchMode):
+    """An optimizer's step may read a value (Adafactor reads its step count and each parameter's RMS with
+    .item()), which a fake tensor does not have. Within the step such a value only scales an update, it
+    never sizes a tensor, so it is read as 1 and the step's allocations stay exact. Outside the step a
+    read stays an error: there a value can size a tensor, and the estimate then runs real steps."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        try:
+            return func(*args, **(kwargs or {}))
+        except DataDependentOutputException:
+            if func is not torch.ops.aten._local_scalar_dense.default:
+                raise
+            dtype = args[0].dtype
+            return True if dtype == torch.bool else 1.0 if dtype.is_floating_point or dtype.is_complex else 1

@@ -166,7 +166,7 @@ def plan(
         None, help=f"Largest micro-batch one device fits. Default: from --from, else the probe saved in {LAST_PROBE}."
     ),
     from_file: Optional[Path] = typer.Option(
-        None, "--from", help="A saved probe (bsplan probe --output FILE): its limit, its timings, its BatchNorm."
+        None, "--from", help="A saved probe, estimate, sweep or routes result (--output FILE): its limit, timings, BatchNorm."
     ),
     use: ProbeLimit = typer.Option(ProbeLimit.recommended, help="The probe's recommended_batch (keeps headroom) or its max_batch."),
     multiple_of: int = typer.Option(1, help="Only micro-batches that are multiples of N."),

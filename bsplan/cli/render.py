@@ -228,7 +228,7 @@ def _limit_text(limit: Limit) -> str:
         return f"{limit.micro_batch} ({limit.source})"
     if limit.source == "--max-micro":
         return f"{limit.micro_batch} (--max-micro); timings and BatchNorm from {probe.describe()}"
-    recomputed = "" if limit.strategy is None else f" recomputed for {limit.strategy}"
+    recomputed = "" if limit.strategy is None or probe.kind == "routes" else f" recomputed for {limit.strategy}"
     if limit.gpu is not None:
         return f"{limit.micro_batch}: {limit.source}{recomputed} estimated for {limit.gpu} from {probe.describe()}"
     if limit.strategy is not None:

@@ -154,11 +154,12 @@ class TrialRunner:
             step_peak = device.limit_peak_bytes()
             held = device.current_bytes()
             self._on_phase("optimizer")
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
+            with device.stepping():
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
             self._state_added += device.current_bytes() - held  # state the step made (most make it in their first)
             if self.optimizer_state_bytes is None and optimizer.state:
                 self.optimizer_state_bytes = state_bytes(optimizer)

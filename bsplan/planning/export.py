@@ -51,6 +51,10 @@ def deepspeed_config(plan: Plan) -> Export:
         config["zero_optimization"] = {"stage": _ZERO_STAGE[plan.strategy]}
     elif plan.strategy == "fsdp":
         notes.append(_NOT_DEEPSPEED)
+    if _bf16(plan):
+        config["bf16"] = {"enabled": True}
+        notes.append("DeepSpeed's bf16 keeps bf16 weights with fp32 master weights in the optimizer, where the limit was "
+                     "measured under autocast with fp32 weights: its model states per device differ (docs/routes.md)")
     rate, warmup = plan.learning_rate, plan.warmup
     if rate is None:
         notes.append("no learning rate is known, so the config has no optimizer or scheduler section")
@@ -79,6 +83,8 @@ def hf_training_arguments(plan: Plan) -> Export:
         arguments["learning_rate"] = plan.learning_rate.value
     if plan.warmup is not None and plan.warmup.steps is not None:
         arguments["warmup_steps"] = plan.warmup.steps
+    if _bf16(plan):  # the Trainer's bf16 is autocast, as measured
+        arguments["bf16"] = True
     if _settings(plan).get("gradient_checkpointing"):
         arguments["gradient_checkpointing"] = True
     notes = [f"the Trainer takes the device count from its launcher: run it as torchrun {_torchrun_args(plan)} train.py"]
@@ -103,6 +109,8 @@ def lightning_config(plan: Plan) -> Export:
     ]
     if plan.strategy in _LIGHTNING_STRATEGY:
         settings.append(("strategy", _LIGHTNING_STRATEGY[plan.strategy]))
+    if _bf16(plan):
+        settings.append(("precision", "bf16-mixed"))
     lines = ["trainer:"] + [f"  {name}: {value}" for name, value in settings]
     notes = [f"Lightning takes the micro-batch from your DataLoader: batch_size={plan.micro_batch}"]
     if plan.learning_rate is not None:
@@ -113,6 +121,8 @@ def lightning_config(plan: Plan) -> Export:
 def torchrun_args(plan: Plan) -> Export:
     """torchrun's process layout; the micro-batch and accumulation belong to the training script."""
     notes = [f"the script itself runs micro-batch {plan.micro_batch} with {plan.accumulation_steps} accumulation steps"]
+    if _bf16(plan):
+        notes.append("run the forward pass and the loss under torch.autocast('cuda', dtype=torch.bfloat16), as measured")
     if plan.nodes > 1:
         notes.append("on each node add --node_rank=RANK --master_addr=HOST (or --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT)")
     return Export(_torchrun_args(plan), tuple(notes))
@@ -158,12 +168,23 @@ def _settings(plan: Plan) -> dict[str, Any]:
     return plan.limit.probe.settings if plan.limit.probe is not None else {}
 
 
+def _bf16(plan: Plan) -> bool:
+    """Whether the limit was measured under bf16 autocast (a route of `bsplan routes`)."""
+    return _settings(plan).get("precision") == "bf16"
+
+
+# The optimizers a limit may be measured with in place of the model file's (measure/workload.py).
+_OPTIMIZER = {"sgd": "torch.optim.SGD(params, lr=..., momentum=0.9)", "adafactor": "torch.optim.Adafactor(params)"}
+
+
 def _settings_notes(plan: Plan, tool: str) -> list[str]:
-    """A limit measured with checkpointing or LoRA holds only where training runs them too."""
+    """A limit measured with checkpointing, another optimizer or LoRA holds only where training runs them too."""
     settings, notes = _settings(plan), []
     if settings.get("gradient_checkpointing") and tool != "hf":
-        notes.append("the per-device limit assumes gradient checkpointing: enable it in the model "
-                     "(a Hugging Face model's gradient_checkpointing_enable())")
+        notes.append("the per-device limit assumes gradient checkpointing: enable it in the model (a Hugging Face model's "
+                     "gradient_checkpointing_enable(), else torch.utils.checkpoint around each repeated block)")
+    if settings.get("optimizer") in _OPTIMIZER:
+        notes.append(f"the per-device limit assumes {_OPTIMIZER[settings['optimizer']]}: build it in the training script")
     if settings.get("lora"):
         notes.append(f"the per-device limit assumes LoRA {settings['lora']}: wrap the model with peft's "
                      "get_peft_model(model, LoraConfig(...)) before training")

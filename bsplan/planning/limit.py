@@ -29,6 +29,10 @@ def saved_probe(options: PlanOptions, cwd: Path) -> SavedProbe | None:
         probe = read_probe("the given result", options.probe_result, options.seq_len)
     if probe is None and options.max_micro is None and (cwd / LAST_PROBE).is_file():
         probe = load_probe(cwd / LAST_PROBE, options.seq_len)
+    if probe is not None and probe.kind == "routes" and (options.strategy != "none" or options.gpu is not None):
+        given = "--gpu" if options.gpu is not None else "--strategy"
+        raise BadInput(f"{given} recomputes a probe's limit from its memory line, which {probe.describe()} does not have: plan "
+                       f"from it without {given} (its route's strategy and devices), or run `bsplan routes` with that {given}")
     return probe
 
 
@@ -48,6 +52,8 @@ def resolve_limit(options: PlanOptions, cwd: Path = Path(".")) -> tuple[Limit, l
         return Limit(None, None, None), []
     if options.strategy != "none":
         return strategy_limit(probe, options, Strategy(options.strategy))
+    if probe.kind == "routes":
+        return _route_limit(probe, options)
     notes = [] if probe.layout == SINGLE else [
         f"{probe.describe()} ran under {probe.layout.describe()}, and its limit is per device under that: give --strategy "
         f"{probe.layout.strategy} to recompute it for {options.world_size} devices"]
@@ -62,6 +68,24 @@ def resolve_limit(options: PlanOptions, cwd: Path = Path(".")) -> tuple[Limit, l
         notes.append("the probe has no recommended_batch, so its max_batch is the limit")
         return Limit(probe.max_batch, "max_batch", probe), notes
     return Limit(wanted, "max_batch" if options.use == "max" else "recommended_batch", probe), notes
+
+
+def _route_limit(probe: SavedProbe, options: PlanOptions) -> tuple[Limit, list[str]]:
+    """A route's max_micro_batch: measured per device under its strategy at its world size, which a
+    sharded strategy's limit depends on (each device keeps 1/N of the states)."""
+    layout = probe.layout
+    if layout.world_size != options.world_size and layout.strategy in (Strategy.zero1, Strategy.zero2, Strategy.fsdp):
+        raise BadInput(f"{probe.describe()} is per device under {layout.describe()}, not on {options.world_size} devices: plan "
+                       f"with --gpus and --nodes making {layout.world_size}, or run `bsplan routes` for {options.world_size}")
+    if probe.max_batch is None:
+        raise BadInput(f"{probe.describe()} does not fit, so it gives no per-device limit")
+    settings = probe.settings
+    knobs = ", ".join(part for part in (settings["precision"], "checkpointing" if settings["gradient_checkpointing"] else "",
+                                        f"{settings['optimizer']} optimizer", "LoRA" if settings["lora"] else "") if part)
+    notes = [f"the per-device limit is {probe.describe()}: {knobs}, {layout.describe()}, with no headroom"]
+    if probe.capped_at is not None:
+        notes.append(f"the route's limit is capped at a device's share of the routes' target, {probe.capped_at}: the true limit may be higher")
+    return Limit(probe.max_batch, "max_micro_batch", probe, strategy=layout.strategy), notes
 
 
 def _probe_notes(probe: SavedProbe) -> list[str]:

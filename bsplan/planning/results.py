@@ -18,6 +18,7 @@ from bsplan.planning.strategies import DeviceStates
 
 PROBE_SCHEMA = "bsplan.probe/1"
 SWEEP_SCHEMA = "bsplan.sweep/1"  # a probe or an estimate at each of several sequence lengths
+ROUTES_SCHEMA = "bsplan.routes/1"  # bsplan routes (planning/routes.py)
 # Where `bsplan probe` saves its result for `bsplan plan` (relative to the working directory).
 LAST_PROBE = Path(".bsplan") / "last-probe.json"
 # Throughputs within 5% count as the same (a probe times only a few steps per batch): the probe's

@@ -20,11 +20,10 @@ from bsplan.planning.errors import BadInput
 from bsplan.planning.plan import PlanOptions
 from bsplan.planning.prediction import EstimateOptions
 from bsplan.planning.record import Record
-from bsplan.planning.results import DeviceInfo, EstimateResult, ModelInfo
+from bsplan.planning.results import ROUTES_SCHEMA, DeviceInfo, EstimateResult, ModelInfo
 from bsplan.planning.strategies import ZERO_PAPER
 from bsplan.planning.units import format_bytes
 
-ROUTES_SCHEMA = "bsplan.routes/1"
 PRECISIONS = (Precision.fp32, Precision.bf16)  # bf16: autocast, fp32 weights, gradients and optimizer state
 OPTIMIZERS = ("own", "sgd", "adafactor")  # own: the model file's build_optimizer, else AdamW (measure/workload.py)
 STRATEGIES = (Strategy.ddp, Strategy.zero1, Strategy.zero2, Strategy.fsdp)
@@ -175,6 +174,7 @@ class RoutesResult(Record):
     gpus_per_node: int
     current: dict[str, Any]
     interconnect_gb_per_s: float | None  # one direction, what communication_seconds divide by
+    lora: str | None  # the adapters the LoRA routes train (--lora), None without LoRA routes
     routes: tuple[Route, ...]  # the fitting ones ranked, fastest first, then the others by number
     notes: tuple[str, ...]
 
@@ -210,7 +210,7 @@ def make_routes(options: RoutesOptions, measured: Sequence[Measured]) -> RoutesR
     own = measured[0][1]  # the model's own setup: measured, or the whole command failed
     assert not isinstance(own, str)
     return RoutesResult(own[Strategy.ddp].model, own[Strategy.ddp].device, plan.global_batch, plan.nodes, plan.gpus_per_node,
-                        {**current, "strategy": options.current_strategy}, bandwidth, _ranked(routes), _notes(options, where, measured))
+                        {**current, "strategy": options.current_strategy}, bandwidth, options.lora, _ranked(routes), _notes(options, where, measured))
 
 
 def _knob_fields(knobs: Knobs) -> dict[str, Any]:

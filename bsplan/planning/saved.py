@@ -5,7 +5,8 @@ directory, which lets `bsplan probe model.py` then `bsplan plan --target 1024 --
 file named; `--from FILE` reads any other saved probe (`bsplan probe --output FILE`) or a saved
 estimate (`bsplan estimate --output FILE`, docs/estimate.md). A sweep over sequence lengths (`probe
 --seq-len 512,1024`, schema bsplan.sweep/1) holds one such document per length: the plan reads the
-one at its --seq-len.
+one at its --seq-len. A saved `bsplan routes --output FILE` (bsplan.routes/1) gives its recommended route's
+per-device limit, strategy, world size and knobs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from bsplan.planning.choices import Strategy
 from bsplan.planning.errors import BadInput
 from bsplan.planning.memory_line import MemoryLine, fit_top
-from bsplan.planning.results import ESTIMATE_SCHEMA, PROBE_SCHEMA, SWEEP_SCHEMA
+from bsplan.planning.results import ESTIMATE_SCHEMA, PROBE_SCHEMA, ROUTES_SCHEMA, SWEEP_SCHEMA
 from bsplan.planning.strategies import SHARDED_PARAMETERS, SINGLE, Layout, ModelStates
 
 
@@ -37,7 +38,7 @@ class SavedProbe:
     capped_at: int | None
     interrupted: bool
     throughput: tuple[tuple[int, float], ...]  # (batch, samples_per_second) of each fitting trial, by batch
-    kind: str = "probe"  # or "estimate" (bsplan estimate --output)
+    kind: str = "probe"  # or "estimate" (bsplan estimate --output), or "routes" (one route of bsplan routes --output)
     headroom: float = 0.1
     memory: MemoryLine | None = None  # peak over batch, for `plan --gpu`; None with fewer than two fitting batches
     layout: Layout = SINGLE  # what memory and the limits are per device under (a strategy probe or estimate)
@@ -50,9 +51,10 @@ class SavedProbe:
         return {"file": self.path, "model": self.model_file, "device": self.device}
 
     def describe(self) -> str:
-        where = "for" if self.kind == "estimate" else "on"
+        where = "on" if self.kind == "probe" else "for"
         length = "" if self.seq_len is None else f" at sequence length {self.seq_len}"
-        return f"the {self.kind} of {self.model_file} {where} {self.device}{length} in {self.path}"
+        route = f" (route {self.settings['route']})" if self.kind == "routes" else ""
+        return f"the {self.kind} of {self.model_file} {where} {self.device}{length} in {self.path}{route}"
 
     @classmethod
     def from_dict(cls, path: str, data: dict[str, Any]) -> SavedProbe:
@@ -108,13 +110,13 @@ def read_probe(path: Path | str, data: Any, seq_len: int | None = None) -> Saved
     """A probe's, an estimate's or a sweep's JSON document (read from path, or given in memory by the
     Python API) as a plan takes it, with load_probe's checks."""
     schema = data.get("schema") if isinstance(data, dict) else None
-    if schema not in (PROBE_SCHEMA, ESTIMATE_SCHEMA, SWEEP_SCHEMA):
-        raise BadInput(f"{path} is not a {PROBE_SCHEMA} probe result, {ESTIMATE_SCHEMA} estimate or {SWEEP_SCHEMA} sweep "
-                       f"(its schema is {schema!r})")
+    if schema not in (PROBE_SCHEMA, ESTIMATE_SCHEMA, SWEEP_SCHEMA, ROUTES_SCHEMA):
+        raise BadInput(f"{path} is not a {PROBE_SCHEMA} probe result, {ESTIMATE_SCHEMA} estimate, {SWEEP_SCHEMA} sweep or "
+                       f"{ROUTES_SCHEMA} routes result (its schema is {schema!r})")
     try:
         if schema == SWEEP_SCHEMA:
             return _sweep_row(path, data, seq_len)
-        probe = SavedProbe.from_dict(str(path), data)
+        probe = route_probe(str(path), data) if schema == ROUTES_SCHEMA else SavedProbe.from_dict(str(path), data)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise BadInput(f"{path} is a damaged probe result ({type(error).__name__}: {error})") from None
     if seq_len is not None and probe.seq_len is not None and probe.seq_len != seq_len:
@@ -136,6 +138,29 @@ def _sweep_row(path: Path, data: dict[str, Any], seq_len: int | None) -> SavedPr
     if not isinstance(result, dict) or result.get("schema") not in (PROBE_SCHEMA, ESTIMATE_SCHEMA):
         raise BadInput(f"{path} holds no {PROBE_SCHEMA} probe result or {ESTIMATE_SCHEMA} estimate at sequence length {seq_len}")
     return replace(SavedProbe.from_dict(str(path), result), seq_len=seq_len)
+
+
+def route_probe(path: str, data: dict[str, Any], number: int | None = None) -> SavedProbe:
+    """Route `number` of a routes result (its recommended one by default) as a plan takes a limit: its
+    max_micro_batch per device under its strategy at its world size, measured with its knobs (the
+    settings an export turns into config keys and notes). A route's limit has no headroom and no line
+    of peak over batch, so it cannot be recomputed for another strategy or GPU."""
+    number = data["recommended"] if number is None else number
+    if number is None:
+        raise BadInput(f"no route in {path} reaches its global batch {data['target']}, so it gives no per-device limit")
+    route = next(route for route in data["routes"] if route["route"] == number)
+    share = int(data["target"]) // int(route["world_size"])
+    most = _optional_int(route["max_micro_batch"])
+    lora = data.get("lora") if route["lora"] else None
+    return SavedProbe(
+        path=path, model_file=str(data["model"]["file"]), device=str(data["device"]["name"]), device_type=str(data["device"]["type"]),
+        mode="train", max_batch=most, recommended_batch=most, has_batchnorm=bool(data["model"]["has_batchnorm"]),
+        capped_at=share if most == share else None, interrupted=False, throughput=(), kind="routes", headroom=0.0,
+        layout=Layout(Strategy(route["strategy"]), int(route["world_size"])), step_budget_bytes=int(data["device"]["total_bytes"]),
+        settings={"route": number, "precision": route["precision"], "gradient_checkpointing": bool(route["activation_checkpointing"]),
+                  "optimizer": route["optimizer"], "lora": lora},
+        seq_len=_optional_int(data["model"].get("seq_len")),
+    )
 
 
 def _layout(data: dict[str, Any]) -> Layout:
