@@ -27,7 +27,7 @@ from bsplan.measure.workload import load_workload
 from bsplan.models.source import SourceLike
 from bsplan.planning.choices import Method
 from bsplan.planning.errors import BadInput, NoFit, first_line
-from bsplan.planning.memory_line import fit_top
+from bsplan.planning.memory_line import MemoryLine, fit_top
 from bsplan.planning.prediction import ESTIMATE_STEPS, EstimateOptions, Measurement, predict_for
 from bsplan.planning.results import DEFAULT_MAX_BATCH, EstimateResult, PeakComposition, ProbeResult
 from bsplan.planning.units import format_bytes
@@ -45,10 +45,17 @@ MEASURE_SECONDS = 60.0
 def run_estimate(model_source: SourceLike, options: EstimateOptions, progress: Progress) -> EstimateResult:
     """Traced by default; by real CPU steps with --method run, or where the model cannot be traced."""
     measurement, traced, composition = measure_step(model_source, options, progress)
+    return predict_measured(measurement, traced, options, composition)
+
+
+def predict_measured(measurement: Measurement, traced: ProbeResult | None, options: EstimateOptions,
+                     composition: PeakComposition | None = None) -> EstimateResult:
+    """The estimate for the options' target from one measured step: the line's prediction, made exact
+    by the traced search's answer where the step was traced (`bsplan routes` predicts each strategy so)."""
+    result = predict_for(measurement, options)
     if traced is None:
-        return predict_for(measurement, options)
-    workspace_bytes = options.target()[1].cublas_workspace_bytes
-    return _exact(predict_for(measurement, options), traced, composition, workspace_bytes)
+        return result
+    return _exact(result, measurement, traced, composition, options)
 
 
 def measure_step(model_source: SourceLike, options: EstimateOptions, progress: Progress,
@@ -72,17 +79,37 @@ def measure_step(model_source: SourceLike, options: EstimateOptions, progress: P
     return replace(measurement, notes=fallback + measurement.notes), None, None
 
 
-def _exact(result: EstimateResult, traced: ProbeResult, composition: PeakComposition | None, workspace_bytes: int) -> EstimateResult:
+def _exact(result: EstimateResult, measurement: Measurement, traced: ProbeResult, composition: PeakComposition | None,
+           options: EstimateOptions) -> EstimateResult:
     """Where the trace ran as the target runs (one device, or ddp / fsdp on a fake process group) the
-    traced search's answer is exact under the counted budget, where the line only predicts it;
-    under a strategy done as arithmetic (zero1/2/3) the line, moved by its states, is the answer."""
+    traced search's answer is exact under the counted budget, where the line only predicts it; under
+    a strategy done as arithmetic (zero1/2/3) that answer moves as far as the strategy's states move
+    the line's (_moved)."""
     if result.per_device is not None and result.per_device.layout.strategy != traced.strategy:
-        return replace(result, method=Method.trace)  # a strategy done as arithmetic on one replica's trace
+        return replace(_moved(result, measurement.line, traced, options.max_batch), method=Method.trace)
     most = traced.max_batch
-    peak = None if traced.peak_bytes is None else traced.peak_bytes + workspace_bytes
+    peak = None if traced.peak_bytes is None else traced.peak_bytes + result.overheads.cublas_workspace_bytes
     recommended = None if most is None or result.recommended_batch is None else min(result.recommended_batch, most)
     return replace(result, max_batch=most, recommended_batch=recommended, peak_bytes=peak, capped_at=traced.capped_at,
                    method=Method.trace, at_peak=composition)
+
+
+def _moved(result: EstimateResult, measured: MemoryLine, traced: ProbeResult, cap: int) -> EstimateResult:
+    """A strategy done as arithmetic on one whole replica's trace: the traced search's max_batch moved by
+    as many samples as the strategy's states move the line's largest batch within the budget (as `plan
+    --strategy` moves a probe's). Exact where the states are the only change, as at one device, where
+    the line alone can miss a peak that does not grow with the batch (an optimizer step's). Where the
+    search stopped at its cap, or no batch of a whole replica fitted, the line's prediction stands."""
+    line = result.fit
+    if traced.max_batch is None or traced.capped_at is not None or line.per_sample_bytes <= 0:
+        return result
+    budget = result.device.total_bytes - result.overheads.total_bytes
+    most = min(cap, traced.max_batch + line.largest_within(budget) - measured.largest_within(budget))
+    if most < 1:
+        return replace(result, max_batch=None, recommended_batch=None, peak_bytes=None, capped_at=None)
+    recommended = None if result.recommended_batch is None else min(result.recommended_batch, most)
+    return replace(result, max_batch=most, recommended_batch=recommended, capped_at=cap if most == cap else None,
+                   peak_bytes=round(line.peak(most) + result.overheads.cublas_workspace_bytes))
 
 
 def measure(model_source: SourceLike, precision: str, mode: str, progress: Progress, budget_bytes: float) -> Measurement:

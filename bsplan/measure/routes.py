@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bsplan.measure.estimate import measure_step
+from bsplan.measure.estimate import measure_step, predict_measured
 from bsplan.measure.options import Progress
 from bsplan.models.source import ModelSource
 from bsplan.planning.choices import Method, Strategy
 from bsplan.planning.errors import BsplanError
-from bsplan.planning.prediction import predict_for
 from bsplan.planning.results import EstimateResult, Trial
 from bsplan.planning.routes import STRATEGIES, Knobs, Measured, RoutesOptions, RoutesResult, make_routes, matrix
 from bsplan.planning.strategies import Layout
@@ -45,11 +44,11 @@ def _variant(source: ModelSource, knobs: Knobs) -> ModelSource:
 def _estimates(source: ModelSource, knobs: Knobs, options: RoutesOptions, progress: Progress) -> dict[Strategy, EstimateResult]:
     """One measurement of the step, and the prediction under each strategy at the world size from it."""
     estimate = replace(options.estimate, precision=knobs.precision)
-    measurement, _, _ = measure_step(source, estimate, _Quiet(), compose=False)
+    measurement, traced, _ = measure_step(source, estimate, _Quiet(), compose=False)
     if not measurement.traced:
         progress.note(f"  {measurement.notes[0]}")
     world, method = options.plan.world_size, Method.trace if measurement.traced else Method.run
-    return {strategy: replace(predict_for(measurement, replace(estimate, layout=Layout(strategy, world))), method=method)
+    return {strategy: replace(predict_measured(measurement, traced, replace(estimate, layout=Layout(strategy, world))), method=method)
             for strategy in STRATEGIES}
 
 
