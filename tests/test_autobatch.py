@@ -4,6 +4,7 @@ step, and two gloo ranks agree on every change without hanging."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import socket
@@ -24,7 +25,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bsplan.backends.cpu import TensorBytesLimit
+from bsplan.planning.noise import MovingNoise, unbiased
 from bsplan.runtime.autobatch import AutoBatch, AutoBatchError, MicroBatchChange, NoMicroBatchFits, split_batch
+from bsplan.runtime.noise import NoiseScale
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -258,6 +261,33 @@ class _FlakyNet(nn.Module):
         return self.net[2](self.net[1](hidden)) * self.scale
 
 
+def test_auto_feeds_the_noise_scale_as_wiring_it_by_hand_does_through_out_of_memory() -> None:
+    """AutoBatch(noise=NoiseScale(model)) gives, at every step, the value of a NoiseScale wired by hand
+    at the micro-batch the step completed at: a try that ran out of memory after a whole micro-batch,
+    or in the middle of a backward (after the last layer's hooks), counts for nothing."""
+    net, reference = _FlakyNet(), _FlakyNet()
+    backwards = itertools.count(1)
+    net.limits.in_sync = lambda: next(backwards) == 2  # step 0 at 8: the second micro-batch's backward, after the first's
+    noise, hand = NoiseScale(net), NoiseScale(reference, 8, 2)
+    auto = AutoBatch(8, noise=noise)
+    for step in range(6):
+        if step == 3:
+            net.limits.backward = 2  # 4 now runs out in the middle of its first backward
+        batch = _regression(16, seed=step)
+        auto.step(net, batch, _sum_loss)
+        hand.small_batch, hand.accumulation_steps = auto.micro_batch, 16 // auto.micro_batch  # what the hook follows
+        reference.zero_grad(set_to_none=True)
+        for piece in split_batch(batch, auto.micro_batch):
+            (_sum_loss(reference, piece) / 16).backward()
+        hand.step()
+        assert noise.steps == hand.steps == step + 1
+        assert (noise.gradient_norm_squared, noise.trace_sigma) == pytest.approx(
+            (hand.gradient_norm_squared, hand.trace_sigma), rel=1e-9)
+    assert _changes(auto) == [(0, 8, 4), (3, 4, 2)]
+    with pytest.raises(ValueError, match="without sizes"):
+        AutoBatch(noise=NoiseScale(net, 4, 2))
+
+
 def _rank_main(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
@@ -269,8 +299,10 @@ def _rank_main(rank: int, port: int, folder: str) -> None:
     model = DistributedDataParallel(net)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
-    auto = AutoBatch()  # starts from the whole batch of this rank
-    report: dict[str, Any] = {"gradients_equal": []}
+    noise = NoiseScale(net)
+    auto = AutoBatch(noise=noise)  # starts from the whole batch of this rank
+    by_hand = MovingNoise()
+    report: dict[str, Any] = {"gradients_equal": [], "noise_scales": []}
     shard = slice(rank * _PER_RANK, (rank + 1) * _PER_RANK)
     for step in range(4):
         inputs, targets = _regression(_RANKS * _PER_RANK, seed=step)
@@ -279,6 +311,14 @@ def _rank_main(rank: int, port: int, folder: str) -> None:
         report["gradients_equal"].append(
             all(torch.allclose(p.grad, g, rtol=1e-12, atol=1e-14) for p, g in zip(net.parameters(), expected))
         )
+        # By hand: this rank's micro-batch gradients (the small batch) against the all-reduced one (all 32 samples).
+        pieces = split_batch((inputs[shard], targets[shard]), auto.micro_batch)
+        small = [torch.autograd.grad(_sum_loss(reference, piece) / auto.micro_batch, list(reference.parameters()))
+                 for piece in pieces]
+        small_sq = sum(float(sum(g.square().sum() for g in grads)) for grads in small) / len(small)
+        by_hand.update(unbiased(small_sq, float(sum(g.square().sum() for g in expected)), auto.micro_batch, _RANKS * _PER_RANK))
+        report["noise_scales"].append([[noise.gradient_norm_squared, noise.trace_sigma],
+                                       [by_hand.gradient_norm_squared, by_hand.trace_sigma]])
         optimizer.step()
         reference_optimizer.step()
     report["changes"] = [(change.step, change.old, change.new, change.reason) for change in auto.changes]
@@ -313,6 +353,10 @@ def test_auto_two_gloo_ranks_agree_on_every_change_and_never_hang(tmp_path: Path
     for report in reports:
         assert [change[:3] for change in report["changes"]] == [[0, 16, 8], [0, 8, 4]]
         assert report["gradients_equal"] == [True] * 4  # equal to one process running the global batch of 32
+        # Fed by AutoBatch (tries that ran out of memory on either rank dropped, the overlapped sync's last
+        # micro-batch counted, the big batch over both ranks), the noise scale is the one wired by hand.
+        for fed, by_hand in report["noise_scales"]:
+            assert fed == pytest.approx(by_hand, rel=1e-9)
     assert "forced in the forward" in reports[1]["changes"][0][3]
     assert reports[0]["changes"][0][3] == "out of memory on rank 1"
     assert reports[1]["last_step_error"].startswith(f"{AutoBatchError.__name__}: memory ran out in DDP's synchronising backward")

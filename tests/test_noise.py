@@ -145,6 +145,28 @@ def test_the_runtime_estimator_matches_the_closed_form() -> None:
     assert noise.value == pytest.approx(51.0, rel=0.15) and noise.gradient_norm_squared == pytest.approx(1.0, rel=0.2)
 
 
+def test_autobatch_feeds_the_noise_scale_with_micro_batches_of_unequal_size() -> None:
+    """Batches of 36 in micro-batches of 16, 16 and 4, as AutoBatch splits them: each weighed by its
+    samples, the estimate lands on the closed form (weighed alike, it comes out at 62 to 66)."""
+    import torch
+
+    from bsplan.measure.workload import load_workload
+    from bsplan.runtime.autobatch import AutoBatch
+    from bsplan.runtime.noise import NoiseScale
+
+    torch.manual_seed(0)
+    workload = load_workload(LINEAR)
+    model = workload.build_model()
+    noise = NoiseScale(model, beta=0.999)
+    auto = AutoBatch(16, reduction="mean", noise=noise)
+    for _ in range(1000):  # fixed weights: the gradients are read, never applied
+        auto.step(model, workload.make_batch(36, torch.device("cpu")), workload.loss)
+    assert noise.steps == 1000 and noise.value == pytest.approx(51.0, rel=0.1)
+    assert noise.gradient_norm_squared == pytest.approx(1.0, rel=0.1)
+    with pytest.raises(ValueError, match="without sizes is fed by AutoBatch"):
+        noise.step()  # by hand it needs the sizes
+
+
 @pytest.fixture(scope="module")
 def digits_exact() -> float:
     """The exact noise scale of examples/noise_digits.py at its initial weights."""
@@ -299,8 +321,10 @@ def test_the_plan_gives_the_step_and_compute_ratios_and_warns(tmp_path: Path) ->
     noise = plan["noise"]
     assert noise["steps_ratio"] == pytest.approx(1 + 500 / 8192) and noise["examples_ratio"] == pytest.approx(1 + 8192 / 500)
     assert noise["noise_scale"] == 500 and noise["largest_efficient_batch"] == 1000 and noise["source"] == "--noise-scale"
+    assert noise["efficient_target"] == 1000
     warning = next(w for w in plan["warnings"] if w["code"] == "beyond-noise-scale")
-    assert "at most 1000" in warning["message"] and "17.4x the fewest training examples" in warning["reason"]
+    assert "(at most 1000, 2x the noise scale: --target 1000 is 125 x 1 x 8 devices)" in warning["message"]
+    assert "17.4x the fewest training examples" in warning["reason"]
     assert "arXiv:1812.06162" in warning["source"]
 
 
@@ -309,6 +333,37 @@ def test_no_warning_up_to_twice_the_noise_scale() -> None:
     assert plan.noise is not None and not [w for w in plan.warnings if w.code == "beyond-noise-scale"]
     assert plan.to_dict()["noise"]["steps_ratio"] == pytest.approx(1.5)
     assert make_plan(PlanOptions(1000, max_micro=1000)).to_dict()["noise"] is None
+
+
+def test_the_warning_names_the_largest_efficient_batch_these_devices_split() -> None:
+    """2B = 666 is no multiple of 8 devices: --target 664 is; with --multiple-of 128 none is."""
+    noise = NoiseEfficiency(333, "--noise-scale")
+    plan = make_plan(PlanOptions(8192, gpus_per_node=8, max_micro=128, noise=noise))
+    assert plan.to_dict()["noise"]["efficient_target"] == 664
+    warning = next(w for w in plan.warnings if w.code == "beyond-noise-scale")
+    assert "(at most 666, 2x the noise scale: --target 664 is 83 x 1 x 8 devices)" in warning.message
+    crowded = make_plan(PlanOptions(8192, gpus_per_node=8, max_micro=128, multiple_of=128, noise=noise))
+    assert crowded.to_dict()["noise"]["efficient_target"] is None
+    warning = next(w for w in crowded.warnings if w.code == "beyond-noise-scale")
+    assert "(at most 666, 2x the noise scale; one step on these 8 devices takes at least 1024)" in warning.message
+
+
+def test_strategy_auto_names_the_strategy_for_the_largest_efficient_batch(tmp_path: Path) -> None:
+    """--strategy auto recommends zero1 for 1920 on 4 devices (120 x 4; ddp fits only 80 a device). With
+    a noise scale of 150 the warning names --target 300 and its own recommendation: ddp, the simplest,
+    at 75 x 1, as --strategy auto at --target 300 indeed plans it."""
+    from test_strategies import _probe  # a probe whose strategies fit 80 (ddp) to 120 a device
+
+    probe = _probe(tmp_path / "probe.json")
+    plan = make_plan(PlanOptions(1920, gpus_per_node=4, probe_file=probe, strategy="auto",
+                                 noise=NoiseEfficiency(150, "--noise-scale")))
+    assert (plan.strategy, plan.micro_batch, plan.accumulation_steps) == ("zero1", 120, 4)
+    assert plan.to_dict()["noise"]["efficient_target"] == 300
+    warning = next(w for w in plan.warnings if w.code == "beyond-noise-scale")
+    assert ("(at most 300, 2x the noise scale: --target 300 is 75 x 1 x 4 devices under ddp, the simplest strategy that "
+            "needs the fewest accumulation steps there)") in warning.message
+    efficient = make_plan(PlanOptions(300, gpus_per_node=4, probe_file=probe, strategy="auto"))
+    assert (efficient.strategy, efficient.micro_batch, efficient.accumulation_steps) == ("ddp", 75, 1)
 
 
 def test_the_noise_scale_is_read_from_a_saved_result(tmp_path: Path) -> None:

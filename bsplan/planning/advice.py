@@ -3,6 +3,7 @@ for this plan, and its source."""
 
 from __future__ import annotations
 
+from bsplan.planning.decomposition import micro_batches
 from bsplan.planning.noise import EFFICIENT_MULTIPLE, MCCANDLISH, MERRILL, NoiseEfficiency
 from bsplan.planning.plan import Limit, Plan, PlanOptions, PlanWarning
 from bsplan.planning.saved import SavedProbe
@@ -45,7 +46,7 @@ def plan_warnings(plan: Plan, options: PlanOptions) -> list[PlanWarning]:
             f"{GOYAL}; {LARS}; {LAMB}",
         ))
     if plan.noise is not None and plan.global_batch > EFFICIENT_MULTIPLE * plan.noise.noise_scale:
-        warnings.append(_noise_warning(plan.global_batch, plan.noise))
+        warnings.append(_noise_warning(plan, plan.noise))
     if plan.accumulation_steps > 1:
         steps = plan.accumulation_steps
         warnings.append(PlanWarning(
@@ -109,15 +110,34 @@ def _warmup_warnings(plan: Plan, options: PlanOptions) -> list[PlanWarning]:
     return warnings
 
 
-def _noise_warning(global_batch: int, noise: NoiseEfficiency) -> PlanWarning:
-    """A global batch past EFFICIENT_MULTIPLE noise scales: the steps it saves cost many more examples."""
+def _noise_warning(plan: Plan, noise: NoiseEfficiency) -> PlanWarning:
+    """A global batch past EFFICIENT_MULTIPLE noise scales: the steps it saves cost many more examples.
+    It names the largest efficient batch these devices can split, and how."""
+    global_batch, unit = plan.global_batch, plan.world_size * plan.multiple_of
     scale, steps, examples = noise.noise_scale, noise.steps_ratio(global_batch), noise.examples_ratio(global_batch)
+    target = noise.efficient_target(unit)
+    here = (f"; one step on these {plan.world_size} devices takes at least {unit}" if target is None
+            else f": --target {target}{_split_at(plan, target)}")
     return PlanWarning(
         "beyond-noise-scale",
-        f"use a smaller global batch (at most {noise.largest_efficient_batch}, {EFFICIENT_MULTIPLE:g}x the noise scale) and "
-        f"more optimizer steps, or a batch-size warmup that reaches {global_batch} only as the noise scale grows",
+        f"use a smaller global batch (at most {noise.largest_efficient_batch}, {EFFICIENT_MULTIPLE:g}x the noise scale{here}) "
+        f"and more optimizer steps, or a batch-size warmup that reaches {global_batch} only as the noise scale grows",
         f"global batch {global_batch} is {global_batch / scale:.3g}x the gradient noise scale {scale:.4g}: it needs "
         f"{steps:.3g}x the fewest optimizer steps but {examples:.3g}x the fewest training examples (and compute) to reach a "
         "loss; the noise scale grows as the loss falls, so measure it again later",
         f"{MCCANDLISH}, section 2.3 (S = S_min (1 + B/G), E = E_min (1 + G/B)); {MERRILL} (batch-size warmup)",
     )
+
+
+def _split_at(plan: Plan, target: int) -> str:
+    """The split of `target` with the fewest accumulation steps under this plan's limit; under
+    `--strategy auto`, under the simplest strategy needing the fewest (comparison.py's rule)."""
+    per_device = target // plan.world_size
+    limits = [(row.strategy, row.max_micro_batch) for row in plan.strategies if row.max_micro_batch is not None]
+    splits = [(strategy, micros[0]) for strategy, most in limits or [(plan.strategy, plan.limit.micro_batch)]
+              if (micros := micro_batches(per_device, most, plan.multiple_of))]
+    if not splits:
+        return ""
+    strategy, micro = min(splits, key=lambda split: per_device // split[1])  # the first of the fewest: the simplest
+    chosen = f" under {strategy}, the simplest strategy that needs the fewest accumulation steps there" if limits else ""
+    return f" is {micro} x {per_device // micro} x {plan.world_size} devices{chosen}"

@@ -43,7 +43,7 @@ class NoiseSample(Record):
     trace_sigma: float
 
 
-def unbiased(small_sq: float, big_sq: float, small_batch: int, big_batch: int) -> NoiseSample:
+def unbiased(small_sq: float, big_sq: float, small_batch: float, big_batch: float) -> NoiseSample:
     """McCandlish et al. 2018, Appendix A.1: |G_small|² and |G_big|², the squared norms of gradients
     averaged over B_small and B_big samples, give unbiased estimates of |G|² and tr(Σ)."""
     if not 0 < small_batch < big_batch:
@@ -261,14 +261,21 @@ class NoiseEfficiency(Record):
         """The largest global batch a plan does not warn about: EFFICIENT_MULTIPLE noise scales."""
         return max(1, math.floor(EFFICIENT_MULTIPLE * self.noise_scale))
 
-    def at(self, global_batch: int) -> dict[str, Any]:
-        """The plan's "noise" field (docs/plan.md)."""
+    def efficient_target(self, unit: int) -> int | None:
+        """The largest efficient global batch that a plan can split: a multiple of `unit` (devices x
+        --multiple-of), the --target to plan again with; None when one unit is already beyond it."""
+        return self.largest_efficient_batch // unit * unit or None
+
+    def at(self, global_batch: int, unit: int) -> dict[str, Any]:
+        """The plan's "noise" field (docs/plan.md), for a plan whose global batches are multiples of `unit`."""
         return {**self.to_dict(), "steps_ratio": self.steps_ratio(global_batch),
-                "examples_ratio": self.examples_ratio(global_batch), "largest_efficient_batch": self.largest_efficient_batch}
+                "examples_ratio": self.examples_ratio(global_batch), "largest_efficient_batch": self.largest_efficient_batch,
+                "efficient_target": self.efficient_target(unit)}
 
     def describe(self, global_batch: int) -> str:
         return (f"{self.noise_scale:.4g} ({self.source}): {self.steps_ratio(global_batch):.3g}x the fewest optimizer steps "
-                f"(1 + B/G), {self.examples_ratio(global_batch):.3g}x the fewest training examples (1 + G/B)")
+                f"(1 + B/G), {self.examples_ratio(global_batch):.3g}x the fewest training examples (1 + G/B); "
+                f"largest efficient global batch {self.largest_efficient_batch} ({EFFICIENT_MULTIPLE:g}B)")
 
 
 def noise_efficiency(given: str | float | None) -> NoiseEfficiency | None:

@@ -238,5 +238,5 @@ class Plan(Record):
             "seq_len": self.seq_len,
             "target_tokens": self.target_tokens,
             "tokens_per_step": self.tokens_per_step,
-            "noise": None if self.noise is None else self.noise.at(self.global_batch),
+            "noise": None if self.noise is None else self.noise.at(self.global_batch, self.world_size * self.multiple_of),
         }

@@ -24,6 +24,7 @@ from bsplan.backends.host import return_freed_memory
 from bsplan.measure.oom import Failure, classify
 from bsplan.measure.workload import Batch
 from bsplan.planning.errors import first_line
+from bsplan.runtime.noise import NoiseScale
 
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
@@ -70,7 +71,9 @@ class AutoBatch:
     the micro-batch's share of the step's samples. `micro_batch=None` starts from the whole batch.
     `grow_after=N` doubles the micro-batch again after N steps in a row without an out-of-memory,
     up to where it started. `overlap_sync=False` never lets DDP all-reduce during a backward (see
-    docs/autobatch.md: slower, but an out-of-memory anywhere can be retried).
+    docs/autobatch.md: slower, but an out-of-memory anywhere can be retried). `noise=NoiseScale(model)`
+    follows the gradient noise scale from the micro-batches (docs/noise.md): AutoBatch closes each
+    micro-batch, discards a try that ran out of memory and ends every completed step.
     """
 
     def __init__(
@@ -83,11 +86,15 @@ class AutoBatch:
         overlap_sync: bool = True,
         process_group: Any = None,
         on_change: Callable[[MicroBatchChange], None] | None = None,
+        noise: NoiseScale | None = None,
     ) -> None:
         if (micro_batch is not None and micro_batch < 1) or granularity < 1 or (grow_after is not None and grow_after < 1):
             raise ValueError("micro_batch, granularity and grow_after must be at least 1")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
+        if noise is not None and noise.small_batch is not None:
+            raise ValueError("give AutoBatch a NoiseScale(model) without sizes: the micro-batch changes, and AutoBatch "
+                             "gives them")
         self.micro_batch = micro_batch
         self.granularity = granularity
         self.grow_after = grow_after
@@ -95,6 +102,7 @@ class AutoBatch:
         self.overlap_sync = overlap_sync
         self.process_group = process_group
         self.on_change = on_change
+        self.noise = noise
         self.steps = 0
         self.changes: list[MicroBatchChange] = []
         self._ceiling: int | None = None  # where the micro-batch started: growing back stops there
@@ -122,6 +130,8 @@ class AutoBatch:
         self._tentative = False
         self._fitted = max(self._fitted, micro)
         self._completed_at = micro
+        if self.noise is not None:  # .grad holds the step's gradient, averaged over DDP's ranks
+            self.noise.end_step(1 if ddp is None else dist.get_world_size(ddp.process_group))
         self.steps += 1
         self._grow(clean)
         return outcome
@@ -147,6 +157,8 @@ class AutoBatch:
         """
         for parameter in model.parameters():
             parameter.grad = None
+        if self.noise is not None:  # and no norm a failed try (or any backward since the last step) took
+            self.noise.discard()
         if ddp is not None:
             ddp.require_forward_param_sync = True  # buffers are broadcast at the first forward, on every rank alike
         pieces = split_batch(batch, micro)
@@ -168,8 +180,12 @@ class AutoBatch:
             if agreement.status == _OOM:
                 return reason or f"out of memory on rank {agreement.oom_rank}"
             losses.append(loss.detach())
+            if backward and self.noise is not None:
+                self.noise.end_micro_batch(batch_size(piece))
         if ddp is not None:
             self._synchronise(ddp, loss if overlap else None)
+            if overlap and self.noise is not None:  # the last micro-batch's backward ran in the sync
+                self.noise.end_micro_batch(batch_size(pieces[-1]))
         return torch.stack(losses).sum()
 
     def _forward_backward(
