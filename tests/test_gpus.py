@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -220,3 +221,95 @@ def test_cuda_indices(gpus: list[Gpu], visible: str | None, order: str | None, e
 def test_the_enumeration_follows_the_pci_bus_not_nvml_s_numbering() -> None:
     shuffled = [_gpu(0, "0000:4C:00.0", "GPU-x"), _gpu(1, "0000:07:00.0", "GPU-y")]
     assert cuda_indices(shuffled, "0", "PCI_BUS_ID")[0] == {1: 0}
+
+
+# --- AMD GPUs through AMD SMI, faked in sys.modules ---------------------------------------------
+
+
+class AmdSmiException(Exception):
+    pass
+
+
+MI300X = [{"name": "AMD Instinct MI300X", "uuid": "a1ff74a1-0000-1000-80ff-ffff", "bus": "0000:0c:00.0", "used": 3 * 2**30},
+          {"name": "AMD Instinct MI300X", "uuid": "a2ff74a1-0000-1000-80ff-ffff", "bus": "0000:22:00.0", "used": 0}]
+
+
+def fake_amdsmi(devices: list[dict[str, Any]], init_error: Exception | None = None) -> SimpleNamespace:
+    """A stand-in for amdsmi with the calls amd.py makes; devices are dicts of what each reports."""
+    calls: list[str] = []
+
+    def init() -> None:
+        calls.append("init")
+        if init_error is not None:
+            raise init_error
+
+    def vram(handle: int, kind: str, value: int) -> int:
+        assert kind == "vram", "only VRAM is the GPU's memory (GTT is host memory)"
+        return value
+
+    return SimpleNamespace(
+        AmdSmiException=AmdSmiException, AmdSmiMemoryType=SimpleNamespace(VRAM="vram", GTT="gtt"), calls=calls,
+        amdsmi_init=init, amdsmi_shut_down=lambda: calls.append("shutdown"),
+        amdsmi_get_processor_handles=lambda: list(range(len(devices))),
+        amdsmi_get_gpu_asic_info=lambda h: {"market_name": devices[h]["name"], "vendor_id": 4098},
+        amdsmi_get_gpu_device_uuid=lambda h: devices[h]["uuid"],
+        amdsmi_get_gpu_device_bdf=lambda h: devices[h]["bus"],
+        amdsmi_get_gpu_memory_total=lambda h, kind: vram(h, kind, 192 * 10**9),
+        amdsmi_get_gpu_memory_usage=lambda h, kind: vram(h, kind, devices[h]["used"]),
+        amdsmi_get_gpu_driver_info=lambda h: {"driver_name": "amdgpu", "driver_version": "6.10.5"},
+    )
+
+
+NO_NVIDIA_DRIVER = fake_nvml([], NVMLError_LibraryNotFound())
+
+
+def test_amd_gpus_are_listed_through_amdsmi_after_the_nvidia_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    amdsmi = fake_amdsmi(MI300X)
+    monkeypatch.setitem(sys.modules, "amdsmi", amdsmi)
+    report = query({}, fake_nvml(TWO_H100))  # type: ignore[arg-type]
+    assert report.unavailable is None and (report.driver_version, report.amd_driver_version) == ("560.35.03", "6.10.5")
+    assert [(gpu.vendor, gpu.index) for gpu in report.gpus] == [("NVIDIA", 0), ("NVIDIA", 1), ("AMD", 0), ("AMD", 1)]
+    first = report.gpus[2]
+    assert (first.name, first.uuid, first.pci_bus_id) == ("AMD Instinct MI300X", MI300X[0]["uuid"], "0000:0c:00.0")
+    assert (first.total_bytes, first.used_bytes, first.free_bytes) == (192 * 10**9, 3 * 2**30, 192 * 10**9 - 3 * 2**30)
+    assert first.cuda_index is None and first.processes is None
+    assert amdsmi.calls == ["init", "shutdown"]
+    alone = query({}, NO_NVIDIA_DRIVER)  # type: ignore[arg-type]
+    assert alone.unavailable is None and [gpu.vendor for gpu in alone.gpus] == ["AMD", "AMD"]
+
+
+@pytest.mark.parametrize(("amdsmi", "sentence"), [
+    (None, "NVML does not list AMD GPUs: install AMD SMI's Python package (amdsmi)"),  # None in sys.modules: not installed
+    (fake_amdsmi(MI300X, AmdSmiException("AMDSMI_STATUS_DRIVER_NOT_LOADED")),
+     "AMD SMI could not start: AMDSMI_STATUS_DRIVER_NOT_LOADED"),
+    (fake_amdsmi([]), "AMD SMI sees no AMD GPU"),
+])
+def test_without_any_gpu_one_sentence_says_why_for_nvml_and_for_amd(monkeypatch: pytest.MonkeyPatch, amdsmi: Any,
+                                                                      sentence: str) -> None:
+    monkeypatch.setitem(sys.modules, "amdsmi", amdsmi)
+    monkeypatch.setattr(nvml, "torch_hip_version", lambda: None)
+    why = query({}, NO_NVIDIA_DRIVER).unavailable  # type: ignore[arg-type]
+    assert why is not None and "\n" not in why and why.startswith("no NVIDIA driver here") and sentence in why
+    assert "ROCm" not in why
+    monkeypatch.setattr(nvml, "torch_hip_version", lambda: "6.4.43482")
+    on_rocm = query({}, NO_NVIDIA_DRIVER).unavailable  # type: ignore[arg-type]
+    assert on_rocm is not None and "; torch here is a ROCm build (HIP 6.4.43482) and NVML does not list AMD GPUs: " in on_rocm
+
+
+def test_an_nvidia_list_needs_no_amd_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "amdsmi", None)
+    report = query({}, fake_nvml(TWO_H100))  # type: ignore[arg-type]
+    assert report.unavailable is None and [gpu.vendor for gpu in report.gpus] == ["NVIDIA", "NVIDIA"]
+
+
+def test_gpus_table_and_json_with_amd_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "amdsmi", fake_amdsmi(MI300X))
+    table = _run_cli(monkeypatch, fake_nvml(TWO_H100))
+    assert table.exit_code == 0, table.output
+    assert "NVIDIA driver 560.35.03" in table.output and "AMD driver 6.10.5" in table.output
+    assert "AMD Instinct MI300X" in table.output and "MI300X-192GB" in table.output and "3 GiB / 179 GiB" in table.output
+    assert "not known for AMD GPUs" in table.output
+    rows = json.loads(_run_cli(monkeypatch, fake_nvml(TWO_H100), "--json").output)
+    assert [(row["vendor"], row["index"]) for row in rows] == [("NVIDIA", 0), ("NVIDIA", 1), ("AMD", 0), ("AMD", 1)]
+    amd_only = _run_cli(monkeypatch, NO_NVIDIA_DRIVER)
+    assert "AMD driver 6.10.5" in amd_only.output and "NVIDIA driver" not in amd_only.output

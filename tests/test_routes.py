@@ -73,10 +73,10 @@ def test_the_matrix_has_every_combination_numbered_once(tiny: tuple[RoutesResult
     result, _, progress = tiny
     found = {(r.precision, r.activation_checkpointing, r.optimizer, r.strategy, r.lora) for r in result.routes}
     assert found == set(itertools.product(PRECISIONS, (False, True), OPTIMIZERS, STRATEGIES, (False,)))
-    assert sorted(r.route for r in result.routes) == list(range(1, 49))
-    assert [line for line in progress if line.startswith("route ")][2] == "route 3/12: fp32 + adafactor ..."
+    assert sorted(r.route for r in result.routes) == list(range(1, 73))
+    assert [line for line in progress if line.startswith("route ")][2] == "route 3/18: fp32 + adafactor ..."
     with_lora = matrix(lora=True)
-    assert len(with_lora) == 24 and {k.lora for k in with_lora} == {False, True} and with_lora[0] == Knobs()
+    assert len(with_lora) == 36 and {k.lora for k in with_lora} == {False, True} and with_lora[0] == Knobs()
 
 
 def test_each_knob_moves_memory_the_documented_way(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:
@@ -86,7 +86,7 @@ def test_each_knob_moves_memory_the_documented_way(tiny: tuple[RoutesResult, Rou
         if route.sources:  # measured
             knobs = (route.precision, route.activation_checkpointing, route.optimizer)
             by_knobs.setdefault(knobs, {})[route.strategy] = route.max_micro_batch or 0
-    assert len(by_knobs) == 6  # tiny has no blocks to checkpoint: those six settings are not measured
+    assert len(by_knobs) == 9  # tiny has no blocks to checkpoint: those nine settings are not measured
     for limits in by_knobs.values():
         assert limits["zero2"] >= limits["ddp"]  # sharding frees states, and DDP's buckets go
     options = EstimateOptions(memory_bytes=parse_size(BUDGET), max_batch=128)
@@ -106,7 +106,10 @@ def test_fitting_routes_are_ranked_and_the_rest_listed_apart(tiny: tuple[RoutesR
     assert key == sorted(key)
     assert result.recommended == fitting[0].route
     best = fitting[0]
-    assert (best.precision, best.strategy, best.relative_compute) == ("bf16", "zero2", 0.5)  # bf16 halves the modelled compute
+    # bf16 weights halve the modelled compute, as autocast does, and their bf16 gradients halve the bytes moved
+    assert (best.precision, best.strategy, best.relative_compute) == ("mixed", "zero2", 0.5)
+    autocast = _route(result, "bf16", False, "own", "zero2")
+    assert autocast.relative_compute == 0.5 and autocast.communication_bytes > best.communication_bytes
     assert best.micro_batch * best.accumulation_steps * best.world_size == 512 and best.micro_batch <= best.max_micro_batch
     ddp = _route(result, "fp32", False, "own", "ddp")
     assert not ddp.fits and ddp.miss.startswith("batch 1 needs 493 KiB of 340 KiB")
@@ -193,7 +196,7 @@ def test_a_route_limit_is_the_estimate_of_its_setting(tiny: tuple[RoutesResult, 
 @pytest.mark.parametrize("given, sentence", [
     ({"target": None}, "give the global batch once"),
     ({"target_tokens": "4K", "seq_len": 8}, "give the global batch once"),
-    ({"route": 49, "exporting": True}, "--route 49 is not a route: they are numbered 1 to 48"),
+    ({"route": 73, "exporting": True}, "--route 73 is not a route: they are numbered 1 to 72"),
     ({"route": 3}, "--route K picks the route --format exports"),
     ({"memory": None}, "give --gpu NAME"),
     ({"target": 510}, "cannot split global batch 510 exactly"),
@@ -209,13 +212,13 @@ def test_bad_input_is_one_sentence(given: dict[str, object], sentence: str) -> N
 def test_the_command_matches_estimate_and_refuses_bad_input(tmp_path: Path) -> None:
     run = bsplan("routes", str(TINY), "--memory", BUDGET, "--target", "512", "--gpus", "4", "--json", "--output", str(tmp_path / "r.json"))
     assert run.code == 0, run.stderr
-    assert "route 3/12: fp32 + adafactor ..." in run.stderr
+    assert "route 3/18: fp32 + adafactor ..." in run.stderr
     route = next(r for r in run.json()["routes"] if r["route"] == 2)  # fp32, the model's own AdamW, zero1
     estimate = bsplan("estimate", str(TINY), "--memory", BUDGET, "--strategy", "zero1", "--gpus", "4", "--max-batch", "128", "--json")
     assert route["max_micro_batch"] == estimate.json()["max_batch"] < 128
     assert json.loads((tmp_path / "r.json").read_text())["recommended"] == run.json()["recommended"]
     bad = bsplan("routes", str(TINY), "--memory", BUDGET, "--gpus", "4", "--format", "deepspeed", "--target", "512", "--route", "0")
-    assert bad.code == 2 and bad.stderr.strip().splitlines() == ["error: --route 0 is not a route: they are numbered 1 to 48"]
+    assert bad.code == 2 and bad.stderr.strip().splitlines() == ["error: --route 0 is not a route: they are numbered 1 to 72"]
 
 
 def test_each_fitting_route_is_the_micro_batch_a_real_probe_finds() -> None:
@@ -232,7 +235,7 @@ def test_each_fitting_route_is_the_micro_batch_a_real_probe_finds() -> None:
                                                                   max_batch=256), Quiet())
         assert route.max_micro_batch == probed.max_batch < 256, knobs.label()
         confirmed += 1
-    assert confirmed == len(matrix(False)) == 12
+    assert confirmed == len(matrix(False)) == 18
 
 
 @pytest.mark.parametrize("example", ["mlp.py", "cnn.py", "transformer.py"])

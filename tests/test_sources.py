@@ -331,3 +331,30 @@ def test_a_decoder_s_classification_head_gets_a_padding_token() -> None:
 def test_params_alone_refuses_the_options_that_describe_a_model() -> None:
     run = bsplan("estimate", "--params", "7B", "--gpu", "h100", "--lora", "r=8", "--json")
     assert run.code == 2 and "--lora describes a model" in run.json()["error"]
+
+
+def test_mixed_precision_trains_bf16_weights_through_fp32_master_weights() -> None:
+    """--precision mixed: the weights and gradients are bf16, the optimizer steps fp32 copies of them
+    (so an update smaller than bf16 resolves accumulates there) and its state counts those copies."""
+    import torch
+
+    from bsplan.models.knobs import MasterWeights, to_bf16
+    from bsplan.measure.trial import state_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    to_bf16(model)
+    reference = [p.detach().float() for p in model.parameters()]  # the masters start from the bf16 weights
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    optimizer = MasterWeights(model.parameters(), lambda params: torch.optim.SGD(params, lr=1e-4))
+    inputs = torch.randn(16, 8, dtype=torch.bfloat16)
+    for _ in range(3):
+        model(inputs).float().pow(2).mean().backward()
+        grads = [p.grad.float() for p in model.parameters()]
+        optimizer.step()
+        optimizer.zero_grad()
+        reference = [r - 1e-4 * g for r, g in zip(reference, grads)]
+    for weight, master, expected in zip(model.parameters(), optimizer.masters, reference):
+        assert master.dtype == torch.float32 and torch.allclose(master, expected, atol=1e-6)
+        assert torch.equal(weight, master.to(torch.bfloat16)) and weight.grad is None
+    assert state_bytes(optimizer) == sum(4 * p.numel() for p in model.parameters())  # SGD without momentum: the masters alone

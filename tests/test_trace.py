@@ -13,6 +13,7 @@ from bsplan.backends.cpu import CpuDevice
 from bsplan.backends.fake import FakeDevice
 from bsplan.measure.trial import TrialRunner
 from bsplan.measure.workload import load_workload
+from bsplan.models.knobs import to_bf16
 from bsplan.planning.results import Trial
 
 GIB = 2**30
@@ -24,6 +25,8 @@ def _trial(device: CpuDevice | FakeDevice, model_file: Path, batch: int, precisi
     with device.tracking():
         model = device.place(workload.build_model())
         model.train(mode == "train")
+        if precision == "mixed":
+            to_bf16(model)
         runner = TrialRunner(workload, model, device, steps=2, precision=precision, mode=mode)
         trial = runner(batch)
     assert trial.fits
@@ -38,6 +41,7 @@ def _trial(device: CpuDevice | FakeDevice, model_file: Path, batch: int, precisi
     (MODELS / "tiny.py", 64, "fp16", "train"),  # autocast and a GradScaler that always steps
     (MODELS / "tiny.py", 64, "fp32", "infer"),  # inference_mode
     (MODELS / "adafactor.py", 64, "fp32", "train"),  # a step that reads values, answered in the trace
+    (EXAMPLES / "transformer.py", 6, "mixed", "train"),  # bf16 weights, fp32 master weights
     (MODELS / "dict_loss.py", 24, "fp32", "train"),  # a dict batch and an output with .loss
     (EXAMPLES / "transformer.py", 6, "fp32", "train"),  # nn.TransformerEncoder deep-copies its fake layer
     pytest.param(MODELS / "llama_small.py", 4, "fp32", "train", marks=NEEDS_TRANSFORMERS),  # a Hugging Face Llama

@@ -1,4 +1,5 @@
-"""The one module that talks to NVML (nvidia-ml-py's `pynvml`), imported lazily on first query.
+"""The one module that talks to NVML (nvidia-ml-py's `pynvml`), imported lazily on first query;
+`query` adds the AMD GPUs that AMD SMI lists (backends/amd.py), as NVML sees NVIDIA GPUs only.
 
 No driver, no library or no GPU becomes one sentence (`GpuReport.unavailable`), never an exception;
 a value NVML will not give for one device (the processes, without permission or under MIG) is None.
@@ -8,7 +9,7 @@ NVML numbers devices by PCI bus and ignores CUDA_VISIBLE_DEVICES; CUDA numbers t
 unless CUDA_DEVICE_ORDER=PCI_BUS_ID, after CUDA_VISIBLE_DEVICES has picked and ordered them.
 `cuda_indices` maps one to the other.
 
-NVML sees NVIDIA GPUs only: where none is found and torch is a ROCm build, the one sentence says so.
+Where neither lists a GPU, the one sentence says why for both, and that torch is a ROCm build if it is.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
+from bsplan.backends import amd
 from bsplan.planning.record import Record
 
 # What a failed nvmlInit means, by the error's class name (the same in pynvml and in test fakes).
@@ -39,9 +41,9 @@ class GpuProcess:
 
 @dataclass(frozen=True)
 class Gpu(Record):
-    """One device as NVML sees it, with its CUDA index under this process's environment."""
+    """One device as NVML (or AMD SMI) sees it, with its CUDA index under this process's environment."""
 
-    index: int  # NVML's index (PCI bus order)
+    index: int  # NVML's index (PCI bus order); AMD SMI's for an AMD GPU
     name: str
     uuid: str
     pci_bus_id: str
@@ -49,8 +51,9 @@ class Gpu(Record):
     used_bytes: int
     free_bytes: int
     processes: tuple[GpuProcess, ...] | None  # None: NVML would not list them
-    cuda_index: int | None = None  # None: hidden by CUDA_VISIBLE_DEVICES, or not known (see cuda_order)
+    cuda_index: int | None = None  # None: hidden by CUDA_VISIBLE_DEVICES, or not known (see cuda_order; AMD: HIP's order)
     cuda_index_certain: bool = False
+    vendor: str = "NVIDIA"  # or "AMD", listed through AMD SMI
 
 
 @dataclass(frozen=True)
@@ -59,15 +62,22 @@ class GpuReport:
     driver_version: str | None
     unavailable: str | None  # one sentence when there is no GPU to report, else None
     cuda_order: str = ""  # how CUDA indices were found, for people
+    amd_driver_version: str | None = None  # where AMD SMI listed AMD GPUs
 
 
 def query(environ: Mapping[str, str], nvml: ModuleType | None = None) -> GpuReport:
-    """The GPUs NVML sees, with memory, processes and CUDA indices; `nvml` replaces pynvml in tests."""
+    """The GPUs NVML sees, with memory, processes and CUDA indices, then the AMD GPUs AMD SMI sees
+    (memory only); `nvml` replaces pynvml in tests."""
     report = _query(environ, nvml)
-    if report.unavailable is not None and (hip := torch_hip_version()):
-        why = f"{report.unavailable}; torch here is a ROCm build (HIP {hip}) and NVML does not list AMD GPUs: rocm-smi or amd-smi does"
-        return replace(report, unavailable=why)
-    return report
+    found = amd.query()
+    if found.gpus:
+        listed = tuple(Gpu(index, gpu.name, gpu.uuid, gpu.pci_bus_id, gpu.total_bytes, gpu.used_bytes,
+                           gpu.total_bytes - gpu.used_bytes, None, vendor="AMD") for index, gpu in enumerate(found.gpus))
+        return replace(report, gpus=report.gpus + listed, unavailable=None, amd_driver_version=found.driver_version)
+    if report.unavailable is None:
+        return report
+    rocm = f"torch here is a ROCm build (HIP {hip}) and " if (hip := torch_hip_version()) else ""
+    return replace(report, unavailable=f"{report.unavailable}; {rocm}NVML does not list AMD GPUs: {found.unavailable}")
 
 
 def torch_hip_version() -> str | None:

@@ -81,7 +81,7 @@ def probe(
     memory_limit: Optional[str] = typer.Option(
         None, help="Memory a batch may use, e.g. 300MiB, 2GiB, 2GB or bytes. On the CPU it counts tensor bytes exactly, like a GPU's allocator; without it, the CPU takes what the OS has available less 10% + 1 GiB."
     ),
-    precision: RunPrecision = typer.Option(RunPrecision.fp32, help="fp32, or autocast to bf16 / fp16 (fp16 with a GradScaler)."),  # type: ignore[valid-type, attr-defined]
+    precision: RunPrecision = typer.Option(RunPrecision.fp32, help="fp32; autocast to bf16 / fp16 (fp16 with a GradScaler); mixed: bf16 weights, fp32 master weights."),  # type: ignore[valid-type, attr-defined]
     mode: Mode = typer.Option(Mode.train, help="train: forward, backward and optimizer step. infer: forward under inference_mode."),
     steps: int = typer.Option(3, help="Training steps per trial (>= 2: the first allocates the optimizer state and warms up)."),
     min_batch: int = typer.Option(1, help="Smallest batch to try."),
@@ -233,7 +233,7 @@ def gpus(
     catalog: bool = typer.Option(False, "--catalog", help="Print the catalogue of GPU models that --gpu accepts instead."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list (empty when there is no GPU) instead of a table."),
 ) -> None:
-    """List the visible NVIDIA GPUs through NVML: memory used and free, processes, CUDA indices."""
+    """List the visible GPUs: NVIDIA's through NVML (memory used and free, processes, CUDA indices), AMD's through amdsmi."""
     from bsplan.cli.render import show_catalog, show_gpus
     from bsplan.planning.catalog import CATALOG
 
@@ -274,7 +274,7 @@ def estimate(
         None, help="Memory to plan for, e.g. 300MiB or 20GiB. Alone: counted like probe --memory-limit. With --gpu: that GPU with this much free."
     ),
     precision: Precision = typer.Option(
-        Precision.fp32, help="fp32, or autocast to bf16 / fp16 (measured under CPU autocast); with --params also mixed (2 + 2 + 12 bytes for Adam)."
+        Precision.fp32, help="fp32; autocast to bf16 / fp16 (measured under CPU autocast); mixed: bf16 weights, fp32 master weights (2 + 2 + 12 bytes for Adam)."
     ),
     mode: Mode = typer.Option(Mode.train, help="train: forward, backward and optimizer step. infer: forward under inference_mode."),
     headroom: float = typer.Option(0.1, help="Fraction of the memory kept free in recommended_batch."),

@@ -268,22 +268,27 @@ if TYPE_CHECKING:
 
 
 def show_gpus(console: Console, report: GpuReport) -> None:
-    """The GPUs NVML sees, with what is free on each and who holds the rest."""
+    """The GPUs NVML (and AMD SMI) see, a table per vendor, with what is free on each and who holds the rest."""
     from bsplan.planning.catalog import match_nvml_name
 
-    table = Table(title=f"bsplan gpus: NVIDIA driver {report.driver_version}", title_justify="left")
-    for name, justify in (("nvml", "right"), ("cuda", "right"), ("name", "left"), ("uuid", "left"), ("used / total", "right"),
-                          ("free", "right"), ("processes (pid: memory)", "left"), ("--gpu", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for gpu in report.gpus:
-        cuda = "-" if gpu.cuda_index is None else f"{gpu.cuda_index}{'' if gpu.cuda_index_certain else '?'}"
-        known = match_nvml_name(gpu.name)
-        table.add_row(
-            str(gpu.index), cuda, gpu.name, gpu.uuid, f"{format_bytes(gpu.used_bytes)} / {format_bytes(gpu.total_bytes)}",
-            format_bytes(gpu.free_bytes), _processes_text(gpu), "-" if known is None else known.key,
-        )
-    console.print(table)
-    console.print(f"CUDA indices: {report.cuda_order}", markup=False, soft_wrap=True)
+    for vendor, driver, lister in (("NVIDIA", report.driver_version, "nvml"), ("AMD", report.amd_driver_version, "amd-smi")):
+        gpus = [gpu for gpu in report.gpus if gpu.vendor == vendor]
+        if not gpus:
+            continue
+        table = Table(title=f"bsplan gpus: {vendor} driver {driver}", title_justify="left")
+        for name, justify in ((lister, "right"), ("cuda", "right"), ("name", "left"), ("uuid", "left"), ("used / total", "right"),
+                              ("free", "right"), ("processes (pid: memory)", "left"), ("--gpu", "left")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for gpu in gpus:
+            cuda = "-" if gpu.cuda_index is None else f"{gpu.cuda_index}{'' if gpu.cuda_index_certain else '?'}"
+            known = match_nvml_name(gpu.name)
+            table.add_row(
+                str(gpu.index), cuda, gpu.name, gpu.uuid, f"{format_bytes(gpu.used_bytes)} / {format_bytes(gpu.total_bytes)}",
+                format_bytes(gpu.free_bytes), _processes_text(gpu), "-" if known is None else known.key,
+            )
+        console.print(table)
+        order = report.cuda_order if vendor == "NVIDIA" else "not known for AMD GPUs (HIP's order, after HIP_VISIBLE_DEVICES)"
+        console.print(f"CUDA indices: {order}", markup=False, soft_wrap=True)
 
 
 def _processes_text(gpu: Gpu) -> str:

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.parsing import lightning_setattr
 
 from bsplan.api import plan, probe
-from bsplan.planning.errors import BadInput
+from bsplan.planning.errors import BadInput, BsplanError
 from bsplan.planning.results import ProbeResult
 
 
@@ -48,6 +48,26 @@ class BatchSizeFinder(Callback):
 
     def scale_batch_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         """Probe, agree across ranks on the smallest answer, set it, and return it."""
+        try:
+            self.result = self._probe(trainer, pl_module)
+        except Exception:
+            _smallest_over_ranks(trainer, _FAILED)  # the other ranks learn of it instead of waiting for this one
+            raise
+        largest = self.result.max_batch
+        # Every rank takes part in the agreement, one that fits nothing too (0), so that none waits for it.
+        found = _smallest_over_ranks(trainer, 0 if largest is None else max(1, math.floor(largest * (1 - self.margin))))
+        if found == 0:
+            raise BadInput(f"not even batch {self.init_val} fits on every device: {'; '.join(self.result.notes)}")
+        if self.target_global_batch is not None:
+            split = plan(self.target_global_batch, gpus=trainer.world_size, max_micro=found)
+            found = split.micro_batch
+            trainer.accumulate_grad_batches = split.accumulation_steps
+        lightning_setattr(pl_module, self.batch_arg_name, found)
+        self.optimal_batch_size = found
+        return found
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeResult:
+        """This rank's probe of the module's step on its own device; the module's weights put back after."""
         loader = _train_dataloader(trainer, pl_module)
         dataset, collate = loader.dataset, loader.collate_fn
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
@@ -78,23 +98,11 @@ class BatchSizeFinder(Callback):
         autocast = "bf16" if "bf16" in precision else "fp16" if precision.startswith("16") else "fp32"
         try:
             with _no_logging(pl_module):
-                self.result = probe(build_model, make_batch, loss=loss, optimizer=optimizer, device=str(device),
-                                    memory_limit=self.memory_limit, steps=self.steps_per_trial, min_batch=self.init_val,
-                                    max_batch=self.max_val, precision=autocast)
+                return probe(build_model, make_batch, loss=loss, optimizer=optimizer, device=str(device),
+                             memory_limit=self.memory_limit, steps=self.steps_per_trial, min_batch=self.init_val,
+                             max_batch=self.max_val, precision=autocast)
         finally:  # the trials trained the module (or a copy of it): its weights as they were, whatever happened
             pl_module.load_state_dict(saved)
-        largest = self.result.max_batch
-        # Every rank takes part in the agreement, one that fits nothing too (0), so that none waits for it.
-        found = _smallest_over_ranks(trainer, 0 if largest is None else max(1, math.floor(largest * (1 - self.margin))))
-        if found == 0:
-            raise BadInput(f"not even batch {self.init_val} fits on every device: {'; '.join(self.result.notes)}")
-        if self.target_global_batch is not None:
-            split = plan(self.target_global_batch, gpus=trainer.world_size, max_micro=found)
-            found = split.micro_batch
-            trainer.accumulate_grad_batches = split.accumulation_steps
-        lightning_setattr(pl_module, self.batch_arg_name, found)
-        self.optimal_batch_size = found
-        return found
 
 
 def _train_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.utils.data.DataLoader:
@@ -107,10 +115,12 @@ def _train_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tor
 
 
 def _detached_copy(module: pl.LightningModule) -> pl.LightningModule:
-    """A copy of the module's layers, weights and buffers, sharing everything else it holds (its
-    Trainer, a dataset kept as an attribute): what training keeps on the device, and no more."""
+    """A copy of the module's layers, weights and buffers, sharing everything else it holds (a dataset
+    kept as an attribute) and attached to the same Trainer: what training keeps on the device, and no more."""
     shared = {id(value): value for name, value in vars(module).items() if name not in ("_parameters", "_buffers", "_modules")}
-    return copy.deepcopy(module, shared)
+    copied = copy.deepcopy(module, shared)
+    copied.trainer = module.trainer  # deepcopy drops it (LightningModule.__getstate__); a step reads global_rank, device from it
+    return copied
 
 
 def _first_optimizer(configured: Any) -> torch.optim.Optimizer:
@@ -137,9 +147,19 @@ def _no_logging(module: pl.LightningModule) -> Iterator[None]:
         cls.log, cls.log_dict = original  # type: ignore[method-assign]
 
 
+_FAILED = -1  # what a rank whose probe raised contributes to the agreement
+
+
 def _smallest_over_ranks(trainer: pl.Trainer, batch: int) -> int:
-    """Under DDP every rank probed its own device: all take the smallest answer, so none runs out."""
+    """Under DDP every rank probed its own device (no collective in its trials, so a rank's
+    out-of-memory cannot leave another waiting there); here all take the smallest answer, so the
+    batch fits on every device. A rank whose probe raised sends _FAILED and raises its own error;
+    the others stop too, rather than train without it or wait for it."""
     if trainer.world_size == 1:
         return batch
-    gathered = trainer.strategy.all_gather(torch.tensor(batch, device=trainer.strategy.root_device))
-    return int(gathered.min().item())
+    gathered = trainer.strategy.all_gather(torch.tensor(batch, device=trainer.strategy.root_device)).flatten().tolist()
+    failed = [rank for rank, value in enumerate(gathered) if value == _FAILED]
+    if failed and batch != _FAILED:
+        raise BsplanError(f"bsplan's BatchSizeFinder stopped on rank(s) {failed} with their own error (see their traceback); "
+                          f"rank {trainer.global_rank} stops too")
+    return int(min(gathered))

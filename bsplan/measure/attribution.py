@@ -23,6 +23,7 @@ from bsplan.backends.fake import FakeDevice
 from bsplan.measure.options import ProbeOptions
 from bsplan.measure.trial import TrialRunner
 from bsplan.measure.workload import load_workload
+from bsplan.models.knobs import kept_tensors
 from bsplan.models.source import SourceLike
 from bsplan.planning.errors import BsplanError
 from bsplan.planning.results import ModuleBytes, PeakComposition
@@ -69,10 +70,9 @@ class _Labels:
     def enter(self, phase: str) -> None:
         optimizer = self.optimizer()
         if self.phase == "optimizer" and optimizer is not None:  # what the step keeps is its state
-            for value in (value for state in optimizer.state.values() for value in state.values()):
-                if isinstance(value, torch.Tensor):
-                    for storage in tensor_storages(value):
-                        self._label(id(storage)).kind = "optimizer_state"
+            for value in kept_tensors(optimizer):
+                for storage in tensor_storages(value):
+                    self._label(id(storage)).kind = "optimizer_state"
         self.phase = phase
 
     def saved(self, tensor: torch.Tensor) -> torch.Tensor:

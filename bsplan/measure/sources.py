@@ -18,6 +18,7 @@ from bsplan.measure.options import ProbeOptions
 from bsplan.measure.trial import TrialRunner, local
 from bsplan.measure.workload import Workload
 from bsplan.models.blocks import fsdp_units
+from bsplan.models.knobs import to_bf16
 from bsplan.planning.errors import NoFit, first_line
 from bsplan.planning.memory_line import fit_top
 from bsplan.planning.results import Breakdown, DeviceInfo, ModelInfo, Trial
@@ -86,6 +87,8 @@ class LocalTrials:
         self._tracking.__enter__()
         try:
             model = backend.place(self.workload.build_model())
+            if options.precision == "mixed":  # bf16 weights; the fp32 masters are the optimizer's (trial.py)
+                to_bf16(model)
             model.train(options.mode == "train")
             self._plain = model
             before = backend.current_bytes()

@@ -23,10 +23,11 @@ import torch
 from bsplan.backends.device import Device
 from bsplan.measure.oom import Failure, classify
 from bsplan.measure.workload import Workload, user_error
+from bsplan.models.knobs import MasterWeights, kept_tensors
 from bsplan.planning.errors import BsplanError, first_line
 from bsplan.planning.results import Trial
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "mixed": torch.bfloat16}  # mixed: bf16 weights and compute
 
 
 class TrialRunner:
@@ -126,7 +127,8 @@ class TrialRunner:
         if self.train and self._optimizer is None:
             self._on_phase("optimizer")
             held = device.current_bytes()
-            self._optimizer = self.workload.optimizer(model.parameters())
+            make = self.workload.optimizer
+            self._optimizer = MasterWeights(model.parameters(), make) if self.precision == "mixed" else make(model.parameters())
             self._state_added = device.current_bytes() - held  # Adagrad makes its state here
         optimizer = self._optimizer
         scaler = _SteppingScaler(device.torch_device.type, init_scale=1.0) if self.train and self.precision == "fp16" else None
@@ -194,8 +196,8 @@ class _SteppingScaler(torch.amp.GradScaler):
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors (each storage once)."""
-    return storage_bytes([value for state in optimizer.state.values() for value in state.values()])
+    """Bytes of the optimizer's state tensors (each storage once), master weights included."""
+    return storage_bytes(kept_tensors(optimizer))  # type: ignore[arg-type]
 
 
 def storage_bytes(values: list[object]) -> int:

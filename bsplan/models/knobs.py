@@ -1,13 +1,13 @@
-"""The fine-tuning knobs that change a built model's memory: activation checkpointing (activations
-recomputed in backward instead of saved) and LoRA adapters (only the adapters train, so gradients
-and optimizer state shrink; activations do not)."""
+"""The knobs that change a built model's memory: activation checkpointing (activations recomputed in
+backward instead of saved), LoRA adapters (only the adapters train, so gradients and optimizer state
+shrink; activations do not) and mixed precision (bf16 weights and gradients, fp32 master weights)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -91,3 +91,54 @@ def _adapters_left_in_place_when_traced() -> Iterator[None]:
         yield
     finally:
         torch.nn.Module.to = original  # type: ignore[method-assign]
+
+
+def to_bf16(model: torch.nn.Module) -> None:
+    """The model's floating-point parameters and buffers in bf16, ties kept, for `--precision mixed`.
+    Each is replaced rather than converted in place as Module.to() converts it: a fake tensor's
+    Module.to() swaps the tensor object, which fails on the fake mode's own references."""
+    cast: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or not tensor.is_floating_point():
+                    continue
+                if id(tensor) not in cast:
+                    half = tensor.detach().to(torch.bfloat16)
+                    is_parameter = table is module._parameters
+                    cast[id(tensor)] = torch.nn.Parameter(half, tensor.requires_grad) if is_parameter else half
+                table[name] = cast[id(tensor)]
+
+
+class MasterWeights(torch.optim.Optimizer):
+    """`--precision mixed`: bf16 weights trained through fp32 master copies, as DeepSpeed's and
+    Megatron-LM's bf16 optimizers train them. The inner optimizer steps the masters on the gradients
+    cast up to fp32, and the weights are copied back down. Its state is the inner optimizer's, keyed by
+    the masters, and the masters are state too: 2 + 2 + 12 bytes per parameter with Adam (Rajbhandari
+    et al. 2019, ZeRO, arXiv:1910.02054, section 3.1)."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], optimizer: Callable[[Any], torch.optim.Optimizer]) -> None:
+        self.weights = [parameter for parameter in parameters if parameter.requires_grad]
+        self.masters = [torch.nn.Parameter(weight.detach().to(torch.float32, copy=True)) for weight in self.weights]
+        self.inner = optimizer(self.masters)
+        super().__init__(self.masters, {})
+        self.state, self.param_groups = self.inner.state, self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for weight, master in zip(self.weights, self.masters):
+            master.grad = None if weight.grad is None else weight.grad.float()
+        self.inner.step()
+        for weight, master in zip(self.weights, self.masters):
+            weight.copy_(master)
+            master.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for weight in self.weights:
+            weight.grad = None
+
+
+def kept_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """What an optimizer keeps from step to step: its state, and MasterWeights' fp32 copies."""
+    values = [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
+    return values + (optimizer.masters if isinstance(optimizer, MasterWeights) else [])

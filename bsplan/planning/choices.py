@@ -45,8 +45,8 @@ def _choice(name: str, values: Iterable[object]) -> type[Choice]:
 
 
 class Precision(Choice):
-    """fp32; autocast to bf16 or fp16; or mixed: half-precision weights with fp32 master copies and
-    optimizer state, which only the memory model counts (a model file runs under autocast)."""
+    """fp32; autocast to bf16 or fp16; or mixed: bf16 weights and gradients with fp32 master copies and
+    optimizer state (models/knobs.py MasterWeights; with --params, the memory model's 2 + 2 + 12 bytes)."""
 
     fp32 = "fp32"
     bf16 = "bf16"
@@ -119,7 +119,7 @@ class ExportFormat(Choice):
 
 # What a model run can do (autocast), the strategies a probe runs its ranks under, and what plan can
 # also do: compare them all.
-RunPrecision = _choice("RunPrecision", (Precision.fp32, Precision.bf16, Precision.fp16))
+RunPrecision = _choice("RunPrecision", (Precision.fp32, Precision.bf16, Precision.fp16, Precision.mixed))
 ProbeStrategy = _choice("ProbeStrategy", (Strategy.ddp, Strategy.fsdp))
 PlanStrategy = _choice("PlanStrategy", (*Strategy, "auto"))
 PlanFormat = _choice("PlanFormat", ("table", "json", *ExportFormat))

@@ -51,8 +51,9 @@ def deepspeed_config(plan: Plan) -> Export:
         config["zero_optimization"] = {"stage": _ZERO_STAGE[plan.strategy]}
     elif plan.strategy == "fsdp":
         notes.append(_NOT_DEEPSPEED)
-    if _bf16(plan):
+    if _precision(plan) in ("bf16", "mixed"):  # DeepSpeed's bf16 is mixed: bf16 weights, fp32 master weights
         config["bf16"] = {"enabled": True}
+    if _precision(plan) == "bf16":
         notes.append("DeepSpeed's bf16 keeps bf16 weights with fp32 master weights in the optimizer, where the limit was "
                      "measured under autocast with fp32 weights: its model states per device differ (docs/routes.md)")
     rate, warmup = plan.learning_rate, plan.warmup
@@ -83,7 +84,7 @@ def hf_training_arguments(plan: Plan) -> Export:
         arguments["learning_rate"] = plan.learning_rate.value
     if plan.warmup is not None and plan.warmup.steps is not None:
         arguments["warmup_steps"] = plan.warmup.steps
-    if _bf16(plan):  # the Trainer's bf16 is autocast, as measured
+    if _precision(plan) == "bf16":  # the Trainer's bf16 is autocast, as measured
         arguments["bf16"] = True
     if _settings(plan).get("gradient_checkpointing"):
         arguments["gradient_checkpointing"] = True
@@ -109,7 +110,7 @@ def lightning_config(plan: Plan) -> Export:
     ]
     if plan.strategy in _LIGHTNING_STRATEGY:
         settings.append(("strategy", _LIGHTNING_STRATEGY[plan.strategy]))
-    if _bf16(plan):
+    if _precision(plan) == "bf16":
         settings.append(("precision", "bf16-mixed"))
     lines = ["trainer:"] + [f"  {name}: {value}" for name, value in settings]
     notes = [f"Lightning takes the micro-batch from your DataLoader: batch_size={plan.micro_batch}"]
@@ -121,7 +122,7 @@ def lightning_config(plan: Plan) -> Export:
 def torchrun_args(plan: Plan) -> Export:
     """torchrun's process layout; the micro-batch and accumulation belong to the training script."""
     notes = [f"the script itself runs micro-batch {plan.micro_batch} with {plan.accumulation_steps} accumulation steps"]
-    if _bf16(plan):
+    if _precision(plan) == "bf16":
         notes.append("run the forward pass and the loss under torch.autocast('cuda', dtype=torch.bfloat16), as measured")
     if plan.nodes > 1:
         notes.append("on each node add --node_rank=RANK --master_addr=HOST (or --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT)")
@@ -168,9 +169,20 @@ def _settings(plan: Plan) -> dict[str, Any]:
     return plan.limit.probe.settings if plan.limit.probe is not None else {}
 
 
-def _bf16(plan: Plan) -> bool:
-    """Whether the limit was measured under bf16 autocast (a route of `bsplan routes`)."""
-    return _settings(plan).get("precision") == "bf16"
+def _precision(plan: Plan) -> str | None:
+    """The precision the limit was measured at, where a route of `bsplan routes` gives it: bf16
+    (autocast over fp32 weights) or mixed (bf16 weights, fp32 master weights)."""
+    return _settings(plan).get("precision")
+
+
+# Where a tool's own settings cannot make `mixed` (bf16 weights with fp32 master copies), as measured.
+_MIXED = {
+    "hf": "the Trainer's bf16 is autocast over fp32 weights: for bf16 weights with fp32 master copies, as the limit was "
+          "measured, give the Trainer a DeepSpeed config with bf16 enabled (--format deepspeed)",
+    "lightning": "Lightning's bf16-mixed is autocast over fp32 weights and bf16-true has no fp32 master copies: for bf16 "
+                 "weights with fp32 master copies, as the limit was measured, use a DeepSpeed strategy with bf16 enabled",
+    "torchrun": "cast the model to bf16 and step fp32 master copies of its weights in the optimizer, as the limit was measured",
+}
 
 
 # The optimizers a limit may be measured with in place of the model file's (measure/workload.py).
@@ -183,6 +195,8 @@ def _settings_notes(plan: Plan, tool: str) -> list[str]:
     if settings.get("gradient_checkpointing") and tool != "hf":
         notes.append("the per-device limit assumes gradient checkpointing: enable it in the model (a Hugging Face model's "
                      "gradient_checkpointing_enable(), else torch.utils.checkpoint around each repeated block)")
+    if settings.get("precision") == "mixed" and tool in _MIXED:
+        notes.append(_MIXED[tool])
     if settings.get("optimizer") in _OPTIMIZER:
         notes.append(f"the per-device limit assumes {_OPTIMIZER[settings['optimizer']]}: build it in the training script")
     if settings.get("lora"):

@@ -53,7 +53,7 @@ class EstimateOptions:
         optimizer: str | None = None, activation_bytes_per_sample: str | None = None, **values: object,
     ) -> EstimateOptions:
         """Options from the command line, each bad one refused with one sentence."""
-        _check_inputs(model_given, params, optimizer, activation_bytes_per_sample, values.get("precision"))
+        _check_inputs(model_given, params, optimizer, activation_bytes_per_sample)
         if params is None and gpu is None and memory is None:
             raise BadInput("give --gpu NAME (bsplan gpus --catalog lists them) or --memory SIZE, the memory to plan for")
         if cuda_context is not None and gpu is None:
@@ -83,18 +83,13 @@ class EstimateOptions:
         return DeviceInfo(f"{self.gpu.key} ({self.gpu.name})", "cuda", total, source, exact=False), overheads
 
 
-def _check_inputs(
-    model_given: bool, params: str | None, optimizer: str | None, activations: str | None, precision: object
-) -> None:
+def _check_inputs(model_given: bool, params: str | None, optimizer: str | None, activations: str | None) -> None:
     """A model file and a parameter count are two ways in, each with its own options."""
     if model_given == (params is not None):
         raise BadInput("give a model file (its states and activations measured on the CPU) or --params COUNT "
                        "(model states from a parameter count alone), one of the two")
     if model_given and (optimizer is not None or activations is not None):
         raise BadInput("--optimizer and --activation-bytes-per-sample go with --params: a model file's are measured")
-    if model_given and Precision.parse(precision, "--precision") == Precision.mixed:
-        raise BadInput("--precision mixed (half-precision weights with fp32 master copies) goes with --params: "
-                       "a model file runs as it is, under autocast with bf16 or fp16")
 
 
 def _layout(strategy: str, gpus: int, bucket_view: bool) -> Layout:

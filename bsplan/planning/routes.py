@@ -24,7 +24,9 @@ from bsplan.planning.results import ROUTES_SCHEMA, DeviceInfo, EstimateResult, M
 from bsplan.planning.strategies import ZERO_PAPER
 from bsplan.planning.units import format_bytes
 
-PRECISIONS = (Precision.fp32, Precision.bf16)  # bf16: autocast, fp32 weights, gradients and optimizer state
+# bf16: autocast over fp32 weights, gradients and optimizer state; mixed: bf16 weights and gradients with fp32
+# master weights and optimizer state (models/knobs.py MasterWeights), as DeepSpeed's bf16 keeps them.
+PRECISIONS = (Precision.fp32, Precision.bf16, Precision.mixed)
 OPTIMIZERS = ("own", "sgd", "adafactor")  # own: the model file's build_optimizer, else AdamW (measure/workload.py)
 STRATEGIES = (Strategy.ddp, Strategy.zero1, Strategy.zero2, Strategy.fsdp)
 # Checkpointing recomputes the forward pass in backward: one more forward per step, a third of forward and
@@ -58,7 +60,8 @@ class Knobs:
     def compute(self, gpu: GpuModel | None) -> float:
         """Compute per sample in fp32 forward-and-backward passes; bf16 gains nothing on a GPU without
         bf16 tensor cores. LoRA skips the frozen weights' gradients, which is not counted."""
-        speedup = BF16_SPEEDUP if self.precision == Precision.bf16 and (gpu is None or gpu.bf16_tflops) else 1.0
+        half = self.precision in (Precision.bf16, Precision.mixed)
+        speedup = BF16_SPEEDUP if half and (gpu is None or gpu.bf16_tflops) else 1.0
         return (1 + RECOMPUTE * self.activation_checkpointing) / speedup
 
 
@@ -257,7 +260,7 @@ def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured])
         "budget (bsplan estimate's trace engine) and each strategy's model states per device by arithmetic on it "
         "(docs/strategies.md); `bsplan estimate --strategy ddp|fsdp` traces the real wrapper instead, and may differ",
         f"max_micro_batch is capped at a device's share of the target, {plan.global_batch // plan.world_size}: no split uses more",
-        "modelled, not measured: relative_compute (checkpointing 4/3, bf16 1/2 of fp32) and the bytes each strategy moves "
+        "modelled, not measured: relative_compute (checkpointing 4/3, bf16 and mixed 1/2 of fp32) and the bytes each strategy moves "
         f"per step ({ZERO_PAPER}, section 7); the ranking is by compute, then bytes moved, then fewest changes (docs/routes.md)",
         f"communication_seconds: {bandwidth}",
     ]
@@ -265,7 +268,7 @@ def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured])
         notes.append("LoRA's compute is counted as full fine-tuning's: the frozen weights' gradients it skips are not modelled")
     gpu = options.estimate.gpu
     if gpu is not None and gpu.bf16_tflops is None:
-        notes.append(f"{gpu.key} has no bf16 tensor cores: bf16 routes are counted as fast as fp32")
+        notes.append(f"{gpu.key} has no bf16 tensor cores: bf16 and mixed routes are counted as fast as fp32")
     reasons: dict[str, list[str]] = {}  # each reason a setting was not traced, said once for all it stopped
     for knobs, estimates in measured:
         for text in [estimates] if isinstance(estimates, str) else estimates[Strategy.ddp].notes:
