@@ -210,8 +210,12 @@ def test_bad_input_is_one_sentence(given: dict[str, object], sentence: str) -> N
 
 @pytest.mark.slow
 def test_the_command_matches_estimate_and_refuses_bad_input(tmp_path: Path) -> None:
-    run = bsplan("routes", str(TINY), "--memory", BUDGET, "--target", "512", "--gpus", "4", "--json", "--output", str(tmp_path / "r.json"))
+    run = bsplan("routes", str(TINY), "--memory", BUDGET, "--target", "512", "--gpus", "4", "--json", "--output", str(tmp_path / "r.json"),
+                 "--noise-scale", "100")
     assert run.code == 0, run.stderr
+    noise = run.json()["noise"]  # 512 is 5.12 noise scales: the largest efficient target 4 devices split is 200
+    assert (noise["noise_scale"], noise["examples_ratio"], noise["efficient_target"]) == (100, 6.12, 200)
+    assert any("route --target 200 instead" in note for note in run.json()["notes"])
     assert "route 3/18: fp32 + adafactor ..." in run.stderr
     route = next(r for r in run.json()["routes"] if r["route"] == 2)  # fp32, the model's own AdamW, zero1
     estimate = bsplan("estimate", str(TINY), "--memory", BUDGET, "--strategy", "zero1", "--gpus", "4", "--max-batch", "128", "--json")
@@ -231,8 +235,8 @@ def test_each_fitting_route_is_the_micro_batch_a_real_probe_finds() -> None:
     confirmed = 0
     for route in (r for r in result.routes if r.strategy == Strategy.zero1):
         knobs = Knobs(route.precision, route.activation_checkpointing, route.optimizer, route.lora)
-        probed = run_probe(_variant(source, knobs), ProbeOptions(device="cpu", memory_limit=parse_size("4MiB"), precision=route.precision,
-                                                                  max_batch=256), Quiet())
+        options = ProbeOptions(device="cpu", memory_limit=parse_size("4MiB"), precision=route.precision, max_batch=256, steps=2)
+        probed = run_probe(_variant(source, knobs), options, Quiet())
         assert route.max_micro_batch == probed.max_batch < 256, knobs.label()
         confirmed += 1
     assert confirmed == len(matrix(False)) == 18

@@ -150,7 +150,6 @@ def test_estimate_params_says_what_a_count_cannot_know_and_fits_a_batch_with_act
     (["--params", "1e9", str(MODELS / "tiny.py")], "one of the two"),
     ([str(MODELS / "tiny.py"), "--memory", "1GiB", "--gpus", "4"], "--gpus counts the devices"),
     ([str(MODELS / "tiny.py"), "--memory", "1GiB", "--strategy", "zero2", "--bucket-view"], "goes with --strategy ddp"),
-    ([str(MODELS / "tiny.py"), "--memory", "1GiB", "--precision", "mixed"], "goes with --params"),
     ([str(MODELS / "tiny.py"), "--memory", "1GiB", "--optimizer", "sgd"], "go with --params"),
     (["--params", "lots"], "cannot read 'lots' as a parameter count"),
 ])

@@ -7,6 +7,7 @@ compute: a model of any size traces on a laptop (measure/trace.py)."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -34,7 +35,10 @@ class FakeDevice:
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:
         # The fake mode outside, the counter inside: the counter sees each operator's fake outputs.
-        with self._mode, self.counter:
+        with self._mode, self.counter, warnings.catch_warnings():
+            # a deep copy of a fake tensor asks for its data pointer (nn.TransformerEncoder copies its layer
+            # while built); the answer changes nothing allocated, and the warning would reach the user
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             yield
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:

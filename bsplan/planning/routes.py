@@ -17,6 +17,7 @@ from bsplan.planning.catalog import GpuModel
 from bsplan.planning.choices import Precision, Strategy
 from bsplan.planning.decomposition import decompose
 from bsplan.planning.errors import BadInput
+from bsplan.planning.noise import EFFICIENT_MULTIPLE, NoiseEfficiency, noise_efficiency
 from bsplan.planning.plan import PlanOptions
 from bsplan.planning.prediction import EstimateOptions
 from bsplan.planning.record import Record
@@ -104,11 +105,12 @@ class RoutesOptions:
     lora: str | None = None  # --lora: the adapters the LoRA routes train (r=16,alpha=32); None: no LoRA routes
     interconnect_gb_per_s: float | None = None  # what each GPU sends at, one direction (nccl-tests' busbw)
     route: int | None = None  # --route K: export route K instead of the recommended one
+    noise: NoiseEfficiency | None = None  # --noise-scale: what the target costs in steps and examples against it
 
     @classmethod
     def from_cli(cls, *, target: int | None, target_tokens: str | None, seq_len: int | None, gpus: int, nodes: int,
                  gpu: str | None, memory: str | None, current: str | None, interconnect: float | None, lora: str | None,
-                 route: int | None, exporting: bool) -> RoutesOptions:
+                 route: int | None, exporting: bool, noise_scale: str | None = None) -> RoutesOptions:
         """The options, each bad one refused with one sentence before anything is traced."""
         plan = PlanOptions.from_cli(target=target, target_tokens=target_tokens, seq_len=seq_len, gpus_per_node=gpus, nodes=nodes)
         decompose(plan.global_batch, plan.world_size, None)  # a target the devices cannot share is refused here
@@ -122,7 +124,7 @@ class RoutesOptions:
         if route is not None and not 1 <= route <= count:
             raise BadInput(f"--route {route} is not a route: they are numbered 1 to {count}")
         knobs, strategy = parse_current(current, lora is not None)
-        return cls(plan, estimate, knobs, strategy, lora, interconnect, route)
+        return cls(plan, estimate, knobs, strategy, lora, interconnect, route, noise_efficiency(noise_scale))
 
     def bandwidth(self) -> tuple[float | None, str]:
         """GB/s each device sends at, and where that comes from (or why it is unknown)."""
@@ -178,6 +180,7 @@ class RoutesResult(Record):
     current: dict[str, Any]
     interconnect_gb_per_s: float | None  # one direction, what communication_seconds divide by
     lora: str | None  # the adapters the LoRA routes train (--lora), None without LoRA routes
+    noise: dict[str, Any] | None  # --noise-scale: as a plan's "noise" field (docs/plan.md), None without it
     routes: tuple[Route, ...]  # the fitting ones ranked, fastest first, then the others by number
     notes: tuple[str, ...]
 
@@ -213,7 +216,8 @@ def make_routes(options: RoutesOptions, measured: Sequence[Measured]) -> RoutesR
     own = measured[0][1]  # the model's own setup: measured, or the whole command failed
     assert not isinstance(own, str)
     return RoutesResult(own[Strategy.ddp].model, own[Strategy.ddp].device, plan.global_batch, plan.nodes, plan.gpus_per_node,
-                        {**current, "strategy": options.current_strategy}, bandwidth, options.lora, _ranked(routes), _notes(options, where, measured))
+                        {**current, "strategy": options.current_strategy}, bandwidth, options.lora,
+                        None if options.noise is None else options.noise.at(plan.global_batch, plan.world_size), _ranked(routes), _notes(options, where, measured))
 
 
 def _knob_fields(knobs: Knobs) -> dict[str, Any]:
@@ -264,6 +268,8 @@ def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured])
         f"per step ({ZERO_PAPER}, section 7); the ranking is by compute, then bytes moved, then fewest changes (docs/routes.md)",
         f"communication_seconds: {bandwidth}",
     ]
+    if options.noise is not None:
+        notes.append(_noise_note(options.noise, plan.global_batch, plan.world_size))
     if options.lora is not None:
         notes.append("LoRA's compute is counted as full fine-tuning's: the frozen weights' gradients it skips are not modelled")
     gpu = options.estimate.gpu
@@ -276,3 +282,16 @@ def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured])
                 reasons.setdefault(text, []).append(knobs.label())
     notes.extend(f"{'; '.join(labels)}: {text}" for text, labels in reasons.items())
     return tuple(notes)
+
+
+def _noise_note(noise: NoiseEfficiency, target: int, world_size: int) -> str:
+    """The target against the noise scale, as a plan says it: past EFFICIENT_MULTIPLE noise scales every
+    route spends examples the steps it saves do not repay, and a smaller target is named."""
+    said = f"noise scale {noise.describe(target)}"
+    if target <= EFFICIENT_MULTIPLE * noise.noise_scale:
+        return said
+    efficient = noise.efficient_target(world_size)
+    smaller = (f"route --target {efficient} instead, the largest efficient global batch these {world_size} devices split"
+               if efficient is not None else f"even one sample per device ({world_size}) is beyond it")
+    return (f"{said}: global batch {target} is {target / noise.noise_scale:.3g}x the noise scale, beyond "
+            f"{EFFICIENT_MULTIPLE:g}x, so every route here needs {noise.examples_ratio(target):.3g}x the fewest examples; {smaller}")
