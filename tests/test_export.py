@@ -127,7 +127,8 @@ def test_a_limit_measured_with_checkpointing_and_lora_carries_them_into_the_expo
     plan = _plan(global_batch=512, gpus_per_node=8, nodes=1, max_micro=None, probe_file=save_probe(tmp_path, data))
     hf = export_plan(plan, "hf")
     arguments = json.loads(hf.text)
-    assert arguments["gradient_checkpointing"] is True and set(arguments) <= HF_FIELDS | {"gradient_checkpointing"}
+    assert arguments["gradient_checkpointing"] is True and set(arguments) <= HF_FIELDS | {"gradient_checkpointing", "bf16"}
+    assert arguments.get("bf16", False) == (data["precision"] == "bf16")  # the precision the probe ran at, carried too
     assert any("LoRA r=8,alpha=16" in note for note in hf.notes)
     torchrun = export_plan(plan, "torchrun")
     assert any("gradient checkpointing" in note for note in torchrun.notes)

@@ -358,3 +358,10 @@ def test_mixed_precision_trains_bf16_weights_through_fp32_master_weights() -> No
         assert master.dtype == torch.float32 and torch.allclose(master, expected, atol=1e-6)
         assert torch.equal(weight, master.to(torch.bfloat16)) and weight.grad is None
     assert state_bytes(optimizer) == sum(4 * p.numel() for p in model.parameters())  # SGD without momentum: the masters alone
+    import bsplan as bsplan_api
+
+    tiny = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))  # tests/models/tiny.py
+    probed = bsplan_api.probe(lambda: tiny, lambda size: torch.randn(size, 64), optimizer=lambda params: torch.optim.SGD(params, lr=0.1), device="cpu",
+                          memory_limit="1MiB", precision="mixed", max_batch=8)
+    breakdown = probed.breakdown  # the masters are the only state SGD without momentum keeps, and counted as such
+    assert breakdown.parameter_bytes == breakdown.optimizer_state_bytes / 2 == 18696 * 2

@@ -7,13 +7,14 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import EXAMPLES, MODELS, bsplan
 
+import bsplan as bsplan_api
 from bsplan.backends.cpu import CpuDevice
 from bsplan.backends.fake import FakeDevice
 from bsplan.measure.trial import TrialRunner
 from bsplan.measure.workload import load_workload
-from bsplan.models.knobs import to_bf16
 from bsplan.planning.results import Trial
 
 GIB = 2**30
@@ -25,8 +26,6 @@ def _trial(device: CpuDevice | FakeDevice, model_file: Path, batch: int, precisi
     with device.tracking():
         model = device.place(workload.build_model())
         model.train(mode == "train")
-        if precision == "mixed":
-            to_bf16(model)
         runner = TrialRunner(workload, model, device, steps=2, precision=precision, mode=mode)
         trial = runner(batch)
     assert trial.fits
@@ -201,3 +200,26 @@ def test_fsdp_traces_at_a_thousand_ranks_in_one_process(workdir: Path) -> None:
     assert data["method"] == "trace" and data["max_batch"] is not None
     # This device's shard: each parameter split 1024 ways, padded up to a multiple of the world size.
     assert data["per_device"]["world_size"] == 1024 and whole / 1024 <= data["breakdown"]["parameter_bytes"] < whole / 50
+
+
+class _Refreshing(torch.optim.SGD):
+    """A preconditioner refreshed every other step, as Shampoo's is: a read value decides an allocation."""
+
+    def __init__(self, parameters: object) -> None:
+        super().__init__(parameters, lr=0.1)  # type: ignore[arg-type]
+        self.count = torch.zeros(())
+
+    def step(self, closure: object = None) -> None:  # type: ignore[override]
+        self.count += 1
+        if int(self.count.item()) % 2 == 0:
+            self.state[self.param_groups[0]["params"][0]]["preconditioner"] = torch.zeros(1 << 20)
+        super().step()
+
+
+def test_a_custom_optimizer_that_reads_a_value_is_run_for_real_not_answered() -> None:
+    """Only torch's own optimizers have their reads answered in a trace (Adafactor's, above): another's
+    read can size a tensor, so its step is run for real, and the estimate says why."""
+    from tiny import build_model, make_batch
+
+    result = bsplan_api.estimate(build_model, make_batch, optimizer=_Refreshing, memory="16MiB")
+    assert result.method == "run" and any("could not be traced" in note for note in result.notes)

@@ -45,7 +45,7 @@ def query() -> AmdReport:
         vram = amdsmi.AmdSmiMemoryType.VRAM
         gpus = tuple(
             AmdGpu(
-                name=str(amdsmi.amdsmi_get_gpu_asic_info(handle)["market_name"]),
+                name=str(amdsmi.amdsmi_get_gpu_asic_info(handle).get("market_name", "AMD GPU")),
                 uuid=str(amdsmi.amdsmi_get_gpu_device_uuid(handle)),
                 pci_bus_id=str(amdsmi.amdsmi_get_gpu_device_bdf(handle)),
                 total_bytes=int(amdsmi.amdsmi_get_gpu_memory_total(handle, vram)),
@@ -53,7 +53,8 @@ def query() -> AmdReport:
             )
             for handle in handles
         )
-        driver = str(amdsmi.amdsmi_get_gpu_driver_info(handles[0])["driver_version"])
+        driver = amdsmi.amdsmi_get_gpu_driver_info(handles[0]).get("driver_version")
+        driver = None if driver is None else str(driver)
     except amdsmi.AmdSmiException as error:
         return AmdReport((), None, f"AMD SMI failed while listing the GPUs: {error}")
     finally:

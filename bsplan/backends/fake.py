@@ -83,9 +83,10 @@ class FakeDevice:
 
 class _ScalarsReadAsOne(TorchDispatchMode):
     """An optimizer's step may read a value (Adafactor reads its step count and each parameter's RMS with
-    .item()), which a fake tensor does not have. Within the step such a value only scales an update, it
-    never sizes a tensor, so it is read as 1 and the step's allocations stay exact. Outside the step a
-    read stays an error: there a value can size a tensor, and the estimate then runs real steps."""
+    .item()), which a fake tensor does not have. In torch's own optimizers such a value only scales an
+    update, it never sizes a tensor, so it is read as 1 and the step's allocations stay exact; the trial
+    asks for this around their steps only (measure/trial.py). Elsewhere a read stays an error: there a
+    value can size a tensor, and the estimate then runs real steps."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         try:

@@ -76,7 +76,8 @@ def show_routes(console: Console, result: RoutesResult) -> None:
     """The routes that reach the target, fastest first (the first is recommended), then those that miss it."""
     fits = Table(title=f"bsplan routes: {result.model.file}, global batch {result.target} on {result.world_size} devices of "
                        f"{result.device.name}, fastest first (compute: against the current setup's)", title_justify="left")
-    for name in ("#", "route", "setup", "strategy", "max micro", "split", "compute", "sent / step"):
+    timed = any(route.predicted_step_seconds is not None for route in result.routes)
+    for name in ("#", "route", "setup", "strategy", "max micro", "split", "compute", "sent / step", *("step",) * timed):
         fits.add_column(name, justify="left" if name in ("setup", "strategy") else "right", no_wrap=name in ("split", "sent / step"))
     misses = Table(title="routes that do not fit", title_justify="left")
     for name in ("route", "setup", "strategy"):
@@ -86,9 +87,10 @@ def show_routes(console: Console, result: RoutesResult) -> None:
         setup = " ".join(filter(None, (route.precision, "ckpt" * route.activation_checkpointing, route.optimizer, "lora" * route.lora)))
         seconds = "" if route.communication_seconds is None else f" {_duration(route.communication_seconds)}"
         if route.fits:
+            step = () if not timed else ("-" if route.predicted_step_seconds is None else _duration(route.predicted_step_seconds),)
             fits.add_row(str(route.rank), str(route.route), setup, route.strategy, str(route.max_micro_batch),
                          f"{route.micro_batch} x {route.accumulation_steps}", f"{route.relative_compute:.2f}",
-                         f"{format_bytes(route.communication_bytes)}{seconds}")
+                         f"{format_bytes(route.communication_bytes)}{seconds}", *step)
         else:
             misses.add_row(str(route.route), setup, route.strategy, route.miss)
     console.print(fits)

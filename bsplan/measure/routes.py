@@ -1,7 +1,8 @@
 """`bsplan routes`' measurement: the training step of each setting of the knobs (precision, activation
 checkpointing, optimizer, LoRA) traced once on one replica against the budget, and each strategy's
 per-device limit predicted from that one trace as `bsplan estimate --strategy S --gpus N` predicts it
-(planning/prediction.py). Ranking and cost are planning/routes.py's.
+(planning/prediction.py); and the step's FLOPs per sample, counted once for each setting of the knobs
+that change them (checkpointing, LoRA). Ranking and cost are planning/routes.py's.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from bsplan.measure.estimate import measure_step, predict_measured
+from bsplan.measure.flops import flops_per_sample
 from bsplan.measure.options import Progress
 from bsplan.models.source import ModelSource
 from bsplan.planning.choices import Method, Strategy
-from bsplan.planning.errors import BsplanError
+from bsplan.planning.errors import BsplanError, first_line
 from bsplan.planning.results import EstimateResult, Trial
 from bsplan.planning.routes import STRATEGIES, Knobs, Measured, RoutesOptions, RoutesResult, make_routes, matrix
 from bsplan.planning.strategies import Layout
@@ -24,16 +26,32 @@ def run_routes(source: ModelSource, options: RoutesOptions, progress: Progress) 
     without peft) leaves its routes unmeasured, with the reason."""
     variants = matrix(options.lora is not None)
     measured: list[Measured] = []
+    flops: dict[tuple[bool, bool], float | None] = {}  # per sample, by (checkpointing, LoRA): the rest do not change them
     for index, knobs in enumerate(variants, 1):
         progress.note(f"route {index}/{len(variants)}: {knobs.label()} ...")
         try:
-            measured.append((knobs, _estimates(_variant(source, knobs), knobs, options, progress)))
+            estimates = _estimates(_variant(source, knobs), knobs, options, progress)
         except BsplanError as error:
             if index == 1:
                 raise
             progress.note(f"  not measured: {error}")
-            measured.append((knobs, f"not measured: {error}"))
+            measured.append((knobs, f"not measured: {error}", None))
+            continue
+        key = (knobs.activation_checkpointing, knobs.lora)
+        if key not in flops:
+            flops[key] = _flops(_variant(source, knobs), progress)
+        measured.append((knobs, estimates, flops[key]))
     return make_routes(options, measured)
+
+
+def _flops(source: ModelSource, progress: Progress) -> float | None:
+    """FLOPs per sample, or None where the step cannot be counted (it could not be traced): its routes
+    then have no step time, and compute is compared by the published ratios."""
+    try:
+        return flops_per_sample(source)
+    except Exception as error:  # noqa: BLE001 - the memory measured stands without the count
+        progress.note(f"  FLOPs not counted: {first_line(error)}")
+        return None
 
 
 def _variant(source: ModelSource, knobs: Knobs) -> ModelSource:

@@ -87,7 +87,7 @@ class LocalTrials:
         self._tracking.__enter__()
         try:
             model = backend.place(self.workload.build_model())
-            if options.precision == "mixed":  # bf16 weights; the fp32 masters are the optimizer's (trial.py)
+            if options.precision == "mixed":  # bf16 weights before a wrapper takes them; the masters are the optimizer's
                 to_bf16(model)
             model.train(options.mode == "train")
             self._plain = model

@@ -23,7 +23,7 @@ import torch
 from bsplan.backends.device import Device
 from bsplan.measure.oom import Failure, classify
 from bsplan.measure.workload import Workload, user_error
-from bsplan.models.knobs import MasterWeights, kept_tensors
+from bsplan.models.knobs import MasterWeights, kept_tensors, to_bf16
 from bsplan.planning.errors import BsplanError, first_line
 from bsplan.planning.results import Trial
 
@@ -50,6 +50,8 @@ class TrialRunner:
         self._on_phase = on_phase or (lambda phase: None)
         self._optimizer: torch.optim.Optimizer | None = None
         self._state_added = 0  # device bytes this trial added as optimizer state, which is kept
+        if precision == "mixed":  # bf16 weights (a wrapped model was cast before its wrapper: measure/sources.py)
+            to_bf16(model)
 
     def __call__(self, batch: int) -> Trial:
         counted = self.device.counts_tensors
@@ -156,14 +158,14 @@ class TrialRunner:
             step_peak = device.limit_peak_bytes()
             held = device.current_bytes()
             self._on_phase("optimizer")
-            with device.stepping():
+            with device.stepping() if _reads_scale_only(optimizer) else contextlib.nullcontext():
                 if scaler is None:
                     optimizer.step()
                 else:
                     scaler.step(optimizer)
                     scaler.update()
             self._state_added += device.current_bytes() - held  # state the step made (most make it in their first)
-            if self.optimizer_state_bytes is None and optimizer.state:
+            if self.optimizer_state_bytes is None and kept_tensors(optimizer):  # SGD without momentum keeps none, masters aside
                 self.optimizer_state_bytes = state_bytes(optimizer)
             optimizer.zero_grad(set_to_none=True)
             del batch, loss
@@ -193,6 +195,15 @@ class _SteppingScaler(torch.amp.GradScaler):
     def _maybe_opt_step(self, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any], *args: Any,
                         **kwargs: Any) -> float | None:
         return optimizer.step(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+def _reads_scale_only(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the values the optimizer's step reads only scale its updates: torch's own optimizers'
+    (Adafactor's step count and RMS), which a traced step may answer (backends/fake.py). Another
+    optimizer may branch on a value to allocate (a preconditioner refreshed every k steps), so its
+    reads stay errors, and a step that reads is run for real instead of traced."""
+    inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer
+    return type(inner).__module__.split(".")[:2] == ["torch", "optim"]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -96,12 +96,13 @@ def _adapters_left_in_place_when_traced() -> Iterator[None]:
 def to_bf16(model: torch.nn.Module) -> None:
     """The model's floating-point parameters and buffers in bf16, ties kept, for `--precision mixed`.
     Each is replaced rather than converted in place as Module.to() converts it: a fake tensor's
-    Module.to() swaps the tensor object, which fails on the fake mode's own references."""
+    Module.to() swaps the tensor object, which fails on the fake mode's own references. Those in bf16
+    already are left as they are, so a model cast before a wrapper took its parameters stays whole."""
     cast: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, tensor in table.items():
-                if tensor is None or not tensor.is_floating_point():
+                if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.bfloat16:
                     continue
                 if id(tensor) not in cast:
                     half = tensor.detach().to(torch.bfloat16)

@@ -60,11 +60,13 @@ def deepspeed_config(plan: Plan) -> Export:
     if rate is None:
         notes.append("no learning rate is known, so the config has no optimizer or scheduler section")
         return Export(json.dumps(config, indent=2), tuple(notes))
-    if plan.optimizer in _DEEPSPEED_OPTIMIZER:
+    measured_with = _settings(plan).get("optimizer")  # a route's: Adafactor is none of DeepSpeed's
+    if plan.optimizer in _DEEPSPEED_OPTIMIZER and measured_with != "adafactor":
         name, extra = _DEEPSPEED_OPTIMIZER[plan.optimizer]
         config["optimizer"] = {"type": name, "params": {"lr": rate.value, **extra}}
     else:
-        notes.append(f"DeepSpeed has no {plan.optimizer}: pass your own to deepspeed.initialize(optimizer=...) with lr {rate.value:g}")
+        missing = "Adafactor" if measured_with == "adafactor" else plan.optimizer
+        notes.append(f"DeepSpeed has no {missing}: pass your own to deepspeed.initialize(optimizer=...) with lr {rate.value:g}")
     if warmup is not None and warmup.steps:
         config["scheduler"] = {"type": "WarmupLR", "params": {
             "warmup_min_lr": warmup.start_lr, "warmup_max_lr": rate.value,
@@ -84,7 +86,7 @@ def hf_training_arguments(plan: Plan) -> Export:
         arguments["learning_rate"] = plan.learning_rate.value
     if plan.warmup is not None and plan.warmup.steps is not None:
         arguments["warmup_steps"] = plan.warmup.steps
-    if _precision(plan) == "bf16":  # the Trainer's bf16 is autocast, as measured
+    if _precision(plan) == "bf16" or _deepspeed_mixed(plan):  # the Trainer's bf16 is autocast, and DeepSpeed's is mixed
         arguments["bf16"] = True
     if _settings(plan).get("gradient_checkpointing"):
         arguments["gradient_checkpointing"] = True
@@ -96,7 +98,8 @@ def hf_training_arguments(plan: Plan) -> Export:
                      "`bsplan probe --strategy fsdp` does")
     elif plan.strategy.startswith("zero"):  # the Trainer fills DeepSpeed's "auto" values from its own arguments
         arguments["deepspeed"] = {"zero_optimization": {"stage": _ZERO_STAGE[plan.strategy]}, "train_batch_size": "auto",
-                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                  **({"bf16": {"enabled": "auto"}} if _deepspeed_mixed(plan) else {})}
     if plan.warmup is not None and plan.warmup.start_lr > 0:
         notes.append(f"the Trainer's warmup ramps from 0, not from the reference rate {plan.warmup.start_lr:g}")
     notes.extend(_warmup_notes(plan))
@@ -110,7 +113,7 @@ def lightning_config(plan: Plan) -> Export:
     ]
     if plan.strategy in _LIGHTNING_STRATEGY:
         settings.append(("strategy", _LIGHTNING_STRATEGY[plan.strategy]))
-    if _precision(plan) == "bf16":
+    if _precision(plan) == "bf16" or _deepspeed_mixed(plan):  # under a DeepSpeed strategy, DeepSpeed's bf16: mixed
         settings.append(("precision", "bf16-mixed"))
     lines = ["trainer:"] + [f"  {name}: {value}" for name, value in settings]
     notes = [f"Lightning takes the micro-batch from your DataLoader: batch_size={plan.micro_batch}"]
@@ -175,6 +178,12 @@ def _precision(plan: Plan) -> str | None:
     return _settings(plan).get("precision")
 
 
+def _deepspeed_mixed(plan: Plan) -> bool:
+    """A limit measured with bf16 weights and fp32 master weights, planned under ZeRO: DeepSpeed's bf16
+    is exactly that, and the Trainer and Lightning turn it on through their DeepSpeed integrations."""
+    return _precision(plan) == "mixed" and plan.strategy in _ZERO_STAGE and plan.strategy != "ddp"
+
+
 # Where a tool's own settings cannot make `mixed` (bf16 weights with fp32 master copies), as measured.
 _MIXED = {
     "hf": "the Trainer's bf16 is autocast over fp32 weights: for bf16 weights with fp32 master copies, as the limit was "
@@ -195,7 +204,7 @@ def _settings_notes(plan: Plan, tool: str) -> list[str]:
     if settings.get("gradient_checkpointing") and tool != "hf":
         notes.append("the per-device limit assumes gradient checkpointing: enable it in the model (a Hugging Face model's "
                      "gradient_checkpointing_enable(), else torch.utils.checkpoint around each repeated block)")
-    if settings.get("precision") == "mixed" and tool in _MIXED:
+    if settings.get("precision") == "mixed" and tool in _MIXED and not (tool != "torchrun" and _deepspeed_mixed(plan)):
         notes.append(_MIXED[tool])
     if settings.get("optimizer") in _OPTIMIZER:
         notes.append(f"the per-device limit assumes {_OPTIMIZER[settings['optimizer']]}: build it in the training script")

@@ -26,7 +26,7 @@ def saved_probe(options: PlanOptions, cwd: Path) -> SavedProbe | None:
     the limit, so a stale probe cannot override it."""
     probe = None if options.probe_file is None else load_probe(options.probe_file, options.seq_len)
     if options.probe_result is not None:  # bsplan.plan(..., probe=result): a result in memory
-        probe = read_probe("the given result", options.probe_result, options.seq_len)
+        probe = read_probe("the given result", options.probe_result, options.seq_len, options.route)
     if probe is None and options.max_micro is None and (cwd / LAST_PROBE).is_file():
         probe = load_probe(cwd / LAST_PROBE, options.seq_len)
     if probe is not None and probe.kind == "routes" and (options.strategy != "none" or options.gpu is not None):

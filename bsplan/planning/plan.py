@@ -32,6 +32,7 @@ class PlanOptions:
     max_micro: int | None = None
     probe_file: Path | None = None
     probe_result: dict[str, Any] | None = None  # a probe's or estimate's JSON document in memory (bsplan.plan(probe=...))
+    route: int | None = None  # of a routes result: the route to plan with (None: its recommended one)
     use: ProbeLimit = ProbeLimit.recommended  # which of a probe's limits: recommended (keeps headroom) or max
     multiple_of: int = 1
     base_lr: float | None = None

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bsplan.planning.advice import BATCHNORM_MIN_MICRO, batchnorm_source, plan_warnings
-from bsplan.planning.choices import Strategy
+from bsplan.planning.choices import Optimizer, Strategy
 from bsplan.planning.comparison import choose_strategy
 from bsplan.planning.decomposition import decompose
 from bsplan.planning.errors import BadInput
@@ -26,6 +26,8 @@ def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
     else:
         limit, notes = resolve_limit(options, cwd)
     probe = limit.probe
+    if probe is not None and probe.kind == "routes" and probe.settings["optimizer"] == "sgd":
+        options = replace(options, optimizer=Optimizer.sgd)  # the route's limit holds only with the SGD it was measured with
     world = options.world_size
     notes[:0] = _token_notes(options, probe is not None and probe.seq_len is None)
     try:

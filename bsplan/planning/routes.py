@@ -58,12 +58,15 @@ class Knobs:
                  "own optimizer" if self.optimizer == "own" else self.optimizer, "lora" if self.lora else ""]
         return " + ".join(part for part in parts if part)
 
-    def compute(self, gpu: GpuModel | None) -> float:
-        """Compute per sample in fp32 forward-and-backward passes; bf16 gains nothing on a GPU without
-        bf16 tensor cores. LoRA skips the frozen weights' gradients, which is not counted."""
+    def speedup(self, gpu: GpuModel | None) -> float:
+        """Against fp32 (TF32) matmuls: bf16 gains nothing on a GPU without bf16 tensor cores."""
         half = self.precision in (Precision.bf16, Precision.mixed)
-        speedup = BF16_SPEEDUP if half and (gpu is None or gpu.bf16_tflops) else 1.0
-        return (1 + RECOMPUTE * self.activation_checkpointing) / speedup
+        return BF16_SPEEDUP if half and (gpu is None or gpu.bf16_tflops) else 1.0
+
+    def compute(self, gpu: GpuModel | None, flops: float | None = None) -> float:
+        """Compute per sample at fp32 speed: the counted FLOPs, else in forward-and-backward passes by
+        the published ratio for checkpointing (LoRA's skipped weight gradients are then not counted)."""
+        return (1 + RECOMPUTE * self.activation_checkpointing if flops is None else flops) / self.speedup(gpu)
 
 
 def matrix(lora: bool) -> tuple[Knobs, ...]:
@@ -154,20 +157,19 @@ class Route(Record):
     micro_batch: int | None
     accumulation_steps: int | None
     relative_compute: float  # compute per optimizer step against the current setup's (1.0)
+    flops_per_sample: float | None  # forward and backward, counted on a traced step; None: not counted
+    compute_seconds: float | None  # those FLOPs of a device's share at the --gpu's dense peak; None: no speed known
     communication_bytes: int | None  # what each device sends per optimizer step; None: not measured
     communication_seconds: float | None  # those bytes at the interconnect's bandwidth; None: no bandwidth known
     changes: int  # knobs changed from the current setup
     miss: str | None  # why it does not fit
     sources: dict[str, str]  # how each number was obtained
+    predicted_step_seconds: float | None = None  # compute_seconds + communication_seconds; None where either is unknown
     rank: int | None = None  # among the fitting routes, 1 the fastest
 
     @property
     def label(self) -> str:
         return f"{Knobs(self.precision, self.activation_checkpointing, self.optimizer, self.lora).label()} + {self.strategy}"
-
-    def document(self) -> dict[str, Any]:
-        # No compute speed is measured, so no step time in seconds: relative_compute and communication_seconds instead.
-        return {**super().document(), "predicted_step_seconds": None}
 
 
 @dataclass(frozen=True)
@@ -197,22 +199,29 @@ class RoutesResult(Record):
                 "routes": [route.to_dict() for route in self.routes]}
 
 
-# What a variant's measurement gave: one estimate per strategy, or why it could not be measured.
-Measured = tuple[Knobs, Union[dict[Strategy, EstimateResult], str]]
+# What a variant's measurement gave: one estimate per strategy, or why it could not be measured; and its
+# FLOPs per sample (None: not counted).
+Measured = tuple[Knobs, Union[dict[Strategy, EstimateResult], str], Union[float, None]]
 
 
 def make_routes(options: RoutesOptions, measured: Sequence[Measured]) -> RoutesResult:
     """Every route from the variants' estimates: its split, its modelled cost, ranked."""
     plan, gpu, current = options.plan, options.estimate.gpu, _knob_fields(options.current)
     bandwidth, where = options.bandwidth()
+    counted = {(k.activation_checkpointing, k.lora): flops for k, _, flops in measured if flops is not None}
+    now = counted.get((options.current.activation_checkpointing, options.current.lora))
     routes = []
-    for index, (knobs, estimates) in enumerate(measured):
+    for index, (knobs, estimates, flops) in enumerate(measured):
         fields = _knob_fields(knobs)
         changes = sum(value != current[name] for name, value in fields.items())
+        relative = (knobs.compute(gpu) / options.current.compute(gpu) if flops is None or now is None
+                    else knobs.compute(gpu, flops) / options.current.compute(gpu, now))
+        seconds = None if flops is None or gpu is None or gpu.bf16_tflops is None else (
+            plan.global_batch / plan.world_size * flops / (gpu.bf16_tflops * 1e12 / BF16_SPEEDUP * knobs.speedup(gpu)))
         for offset, strategy in enumerate(STRATEGIES):
             routes.append(_route(estimates, options, bandwidth, route=index * len(STRATEGIES) + offset + 1, strategy=strategy,
-                                 world_size=plan.world_size, relative_compute=knobs.compute(gpu) / options.current.compute(gpu),
-                                 changes=changes + (strategy != options.current_strategy), **fields))
+                                 world_size=plan.world_size, relative_compute=relative, flops_per_sample=flops,
+                                 compute_seconds=seconds, changes=changes + (strategy != options.current_strategy), **fields))
     own = measured[0][1]  # the model's own setup: measured, or the whole command failed
     assert not isinstance(own, str)
     return RoutesResult(own[Strategy.ddp].model, own[Strategy.ddp].device, plan.global_batch, plan.nodes, plan.gpus_per_node,
@@ -235,10 +244,15 @@ def _route(estimates: dict[Strategy, EstimateResult] | str, options: RoutesOptio
     world, estimate = fields["world_size"], estimates[fields["strategy"]]
     parameters, gradients = COMMUNICATED[fields["strategy"]]
     sent = 0 if world == 1 else round(parameters * estimate.breakdown.parameter_bytes + gradients * estimate.breakdown.gradient_bytes)
-    sending = dict(communication_bytes=sent, communication_seconds=None if bandwidth is None else sent / (bandwidth * 1e9),
+    sending_seconds = 0.0 if sent == 0 else None if bandwidth is None else sent / (bandwidth * 1e9)
+    computing = fields["compute_seconds"]
+    sending = dict(communication_bytes=sent, communication_seconds=sending_seconds,
                    sources={"max_micro_batch": ("traced" if estimate.method == "trace" else "cpu-steps") + "+arithmetic",
-                            "model_states_per_device": "arithmetic", "relative_compute": "modelled",
-                            "communication_bytes": "modelled", "communication_seconds": "modelled"})
+                            "model_states_per_device": "arithmetic",
+                            "relative_compute": "modelled" if fields["flops_per_sample"] is None else "traced flops+modelled",
+                            "flops_per_sample": "traced", "compute_seconds": "modelled", "communication_bytes": "modelled",
+                            "communication_seconds": "modelled", "predicted_step_seconds": "modelled"})
+    predicted = None if computing is None or sending_seconds is None else computing + sending_seconds
     most = estimate.max_batch
     if most is None:
         needs = estimate.fit.peak(1) + estimate.overheads.total_bytes
@@ -246,14 +260,22 @@ def _route(estimates: dict[Strategy, EstimateResult] | str, options: RoutesOptio
         return Route(**fields, **sending, fits=False, max_micro_batch=None, micro_batch=None, accumulation_steps=None, miss=miss)
     split = decompose(options.plan.global_batch, world, most).choice
     return Route(**fields, **sending, fits=True, max_micro_batch=most, micro_batch=split.micro_batch,
-                 accumulation_steps=split.accumulation_steps, miss=None)
+                 accumulation_steps=split.accumulation_steps, miss=None, predicted_step_seconds=predicted)
 
 
 def _ranked(routes: list[Route]) -> tuple[Route, ...]:
-    """Fitting routes by modelled compute, then bytes moved (compute and communication are in different
-    units while no compute speed is known), then fewest changes, then fewest accumulation steps."""
-    fitting = sorted((r for r in routes if r.fits), key=lambda r: (round(r.relative_compute, 9), r.communication_bytes,
-                                                                      r.changes, r.accumulation_steps, r.route))
+    """Fitting routes by predicted step time where every one has it (a --gpu with a known peak and
+    interconnect, FLOPs counted); else by compute, then bytes moved (in different units while no speed
+    is known); then fewest changes, then fewest accumulation steps."""
+    fitting = [r for r in routes if r.fits]
+    timed = all(r.predicted_step_seconds is not None for r in fitting)
+
+    def cost(route: Route) -> tuple[float, ...]:
+        if timed:
+            return (round(route.predicted_step_seconds or 0.0, 12),)
+        return (round(route.relative_compute, 9), route.communication_bytes or 0)
+
+    fitting.sort(key=lambda r: (*cost(r), r.changes, r.accumulation_steps or 0, r.route))
     return tuple(replace(route, rank=rank) for rank, route in enumerate(fitting, 1)) + tuple(r for r in routes if not r.fits)
 
 
@@ -264,9 +286,10 @@ def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured])
         "budget (bsplan estimate's trace engine) and each strategy's model states per device by arithmetic on it "
         "(docs/strategies.md); `bsplan estimate --strategy ddp|fsdp` traces the real wrapper instead, and may differ",
         f"max_micro_batch is capped at a device's share of the target, {plan.global_batch // plan.world_size}: no split uses more",
-        "modelled, not measured: relative_compute (checkpointing 4/3, bf16 and mixed 1/2 of fp32) and the bytes each strategy moves "
-        f"per step ({ZERO_PAPER}, section 7); the ranking is by compute, then bytes moved, then fewest changes (docs/routes.md)",
+        "modelled, not measured: relative_compute (the traced step's FLOPs, else checkpointing 4/3; bf16 and mixed 1/2 of "
+        f"fp32) and the bytes each strategy moves per step ({ZERO_PAPER}, section 7) (docs/routes.md)",
         f"communication_seconds: {bandwidth}",
+        _timing(options, measured),
     ]
     if options.noise is not None:
         notes.append(_noise_note(options.noise, plan.global_batch, plan.world_size))
@@ -276,7 +299,7 @@ def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured])
     if gpu is not None and gpu.bf16_tflops is None:
         notes.append(f"{gpu.key} has no bf16 tensor cores: bf16 and mixed routes are counted as fast as fp32")
     reasons: dict[str, list[str]] = {}  # each reason a setting was not traced, said once for all it stopped
-    for knobs, estimates in measured:
+    for knobs, estimates, _ in measured:
         for text in [estimates] if isinstance(estimates, str) else estimates[Strategy.ddp].notes:
             if text.startswith(("the step could not be traced", "not measured")):
                 reasons.setdefault(text, []).append(knobs.label())
@@ -295,3 +318,16 @@ def _noise_note(noise: NoiseEfficiency, target: int, world_size: int) -> str:
                if efficient is not None else f"even one sample per device ({world_size}) is beyond it")
     return (f"{said}: global batch {target} is {target / noise.noise_scale:.3g}x the noise scale, beyond "
             f"{EFFICIENT_MULTIPLE:g}x, so every route here needs {noise.examples_ratio(target):.3g}x the fewest examples; {smaller}")
+
+
+def _timing(options: RoutesOptions, measured: Sequence[Measured]) -> str:
+    """What predicted_step_seconds is, or why there is none, and so what the ranking is by."""
+    gpu = options.estimate.gpu
+    if gpu is None or gpu.bf16_tflops is None:
+        why = "a --memory budget has no speed" if gpu is None else f"{gpu.key} has no bf16 tensor-core peak in the catalogue"
+        return f"predicted_step_seconds: none ({why}): the ranking is by compute, then bytes moved, then fewest changes"
+    if any(flops is None for _, estimates, flops in measured if not isinstance(estimates, str)):
+        return "predicted_step_seconds: none where FLOPs were not counted: the ranking is by compute, then bytes moved"
+    return (f"predicted_step_seconds: a device's share of the traced FLOPs at {gpu.key}'s dense peak ({gpu.bf16_tflops:g} "
+            f"TFLOP/s bf16, half that for fp32 as TF32) plus communication_seconds after it: no kernel sustains the peak, "
+            "and communication overlaps compute, so real steps differ both ways; the ranking is by it, then fewest changes")

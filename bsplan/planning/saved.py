@@ -86,7 +86,7 @@ class SavedProbe:
             layout=layout,
             step_budget_bytes=int(data["device"]["total_bytes"]) - int(data.get("overheads", {}).get("total_bytes", 0)),
             states=_replica_states(data["breakdown"], layout, sharded=not estimated),
-            settings=dict(data["model"].get("settings") or {}),
+            settings={**(data["model"].get("settings") or {}), "precision": data.get("precision")},  # what the exports carry
             seq_len=_optional_int(data.get("seq_len")),
         )
 
@@ -106,9 +106,10 @@ def load_probe(path: Path, seq_len: int | None = None) -> SavedProbe:
     return read_probe(path, data, seq_len)
 
 
-def read_probe(path: Path | str, data: Any, seq_len: int | None = None) -> SavedProbe:
-    """A probe's, an estimate's or a sweep's JSON document (read from path, or given in memory by the
-    Python API) as a plan takes it, with load_probe's checks."""
+def read_probe(path: Path | str, data: Any, seq_len: int | None = None, route: int | None = None) -> SavedProbe:
+    """A probe's, an estimate's, a sweep's or a routes result's JSON document (read from path, or given
+    in memory by the Python API) as a plan takes it, with load_probe's checks; of a routes result, route
+    `route` (else its recommended one)."""
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema not in (PROBE_SCHEMA, ESTIMATE_SCHEMA, SWEEP_SCHEMA, ROUTES_SCHEMA):
         raise BadInput(f"{path} is not a {PROBE_SCHEMA} probe result, {ESTIMATE_SCHEMA} estimate, {SWEEP_SCHEMA} sweep or "
@@ -116,7 +117,7 @@ def read_probe(path: Path | str, data: Any, seq_len: int | None = None) -> Saved
     try:
         if schema == SWEEP_SCHEMA:
             return _sweep_row(path, data, seq_len)
-        probe = route_probe(str(path), data) if schema == ROUTES_SCHEMA else SavedProbe.from_dict(str(path), data)
+        probe = route_probe(str(path), data, route) if schema == ROUTES_SCHEMA else SavedProbe.from_dict(str(path), data)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise BadInput(f"{path} is a damaged probe result ({type(error).__name__}: {error})") from None
     if seq_len is not None and probe.seq_len is not None and probe.seq_len != seq_len:
@@ -148,7 +149,9 @@ def route_probe(path: str, data: dict[str, Any], number: int | None = None) -> S
     number = data["recommended"] if number is None else number
     if number is None:
         raise BadInput(f"no route in {path} reaches its global batch {data['target']}, so it gives no per-device limit")
-    route = next(route for route in data["routes"] if route["route"] == number)
+    route = next((route for route in data["routes"] if route["route"] == number), None)
+    if route is None:
+        raise BadInput(f"{path} has no route {number}")
     share = int(data["target"]) // int(route["world_size"])
     most = _optional_int(route["max_micro_batch"])
     lora = data.get("lora") if route["lora"] else None
