@@ -9,13 +9,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import EXAMPLES, MODELS, bsplan
 
 from bsplan.measure.estimate import measure_step, predict_measured, run_estimate
+from bsplan.measure.flops import flops_per_sample
 from bsplan.measure.options import ProbeOptions
 from bsplan.measure.probe import run_probe
 from bsplan.measure.routes import _variant, run_routes
-from bsplan.models.source import ModelSource
+from bsplan.models.source import Callables, ModelSource
 from bsplan.planning.catalog import find_gpu
 from bsplan.planning.choices import Precision, Strategy
 from bsplan.planning.errors import BadInput
@@ -185,6 +187,28 @@ def test_on_a_gpu_each_route_has_a_step_time_from_its_counted_flops() -> None:
         assert route.predicted_step_seconds == pytest.approx(route.compute_seconds + route.communication_bytes / 450e9)
     assert [r.predicted_step_seconds for r in fitting] == sorted(r.predicted_step_seconds for r in fitting)  # ranked by it
     assert any("predicted_step_seconds: a device's share of the traced FLOPs" in note for note in result.notes)
+
+
+class _Attention(torch.nn.Module):
+    """One projection (16 x 16) and fused attention over 2 heads of 8 tokens of 16: what a CPU trace
+    runs as the CPU's flash attention, which torch's counter has no formula of its own for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.proj(x)
+        return torch.nn.functional.scaled_dot_product_attention(hidden, hidden, hidden).sum()
+
+
+def test_fused_attention_is_counted_in_a_step_s_flops() -> None:
+    """Per sample: the projection 2 x 16 x 16 x 16 rows forward and again for its weight's gradient;
+    attention's two products of 2 x 2 x 8 x 8 x 16 forward, five backward (the scores recomputed)."""
+    source = ModelSource("attention", callables=Callables(_Attention, lambda size: torch.randn(size, 2, 8, 16),
+                                                           lambda model, batch: model(batch), None))
+    product = 2 * 2 * 8 * 8 * 16
+    assert flops_per_sample(source) == 2 * (2 * 16 * 16 * 16) + (2 + 5) * product
 
 
 def test_a_plan_from_a_saved_routes_result_takes_its_recommended_route(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:

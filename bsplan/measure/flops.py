@@ -5,12 +5,33 @@ laptop. `bsplan routes` turns them into seconds at a GPU's peak (planning/routes
 
 from __future__ import annotations
 
-from torch.utils.flop_counter import FlopCounterMode
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from bsplan.backends.fake import FakeDevice
 from bsplan.measure.trace import UNBOUNDED
 from bsplan.measure.workload import load_workload
 from bsplan.models.source import ModelSource
+
+aten = torch.ops.aten
+# The CPU's fused attention, which a trace on the CPU runs, has no formula of torch's own: it is the same
+# arithmetic as the CUDA kernels' (arguments in the same order), so theirs count it.
+def _as_registered(formula: Callable[..., int]) -> Callable[..., int]:
+    """A formula from torch's registry (which takes the operator's own arguments), marked so that
+    FlopCounterMode does not wrap it a second time."""
+    def count(*args: Any, **kwargs: Any) -> int:
+        return formula(*args, **kwargs)
+    count._get_raw = True  # type: ignore[attr-defined]
+    return count
+
+
+_CPU_ATTENTION = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _as_registered(flop_registry[aten._scaled_dot_product_flash_attention]),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        _as_registered(flop_registry[aten._scaled_dot_product_flash_attention_backward]),
+}
 
 # Samples in the counted step: the count divided by them is per sample (a batch of 1 can take
 # shortcuts a larger one does not, such as squeezed dimensions).
@@ -27,6 +48,6 @@ def flops_per_sample(source: ModelSource) -> float:
         model = device.place(workload.build_model())
         model.train()
         batch = workload.make_batch(FLOP_BATCH, device.torch_device)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
             workload.loss(model, batch).backward()
     return counter.get_total_flops() / FLOP_BATCH
