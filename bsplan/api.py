@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from bsplan.measure.options import Progress
     from bsplan.planning.plan import Plan
     from bsplan.planning.results import EstimateResult, ProbeResult
+    from bsplan.planning.routes import RoutesResult
 
 
 def probe(build_model: Callable[[], Any], make_batch: Callable[..., Any], *, loss: Callable[[Any, Any], Any] | None = None,
@@ -46,10 +47,11 @@ def estimate(build_model: Callable[[], Any], make_batch: Callable[..., Any], *, 
     return run_estimate(_source(build_model, make_batch, loss, optimizer, seq_len), estimate_options, progress or _Silent())
 
 
-def plan(target: int, *, gpus: int = 1, nodes: int = 1, probe: ProbeResult | EstimateResult | None = None,
+def plan(target: int, *, gpus: int = 1, nodes: int = 1, probe: ProbeResult | EstimateResult | RoutesResult | None = None,
          **options: Any) -> Plan:
     """`bsplan plan` for a global batch of `target` samples on nodes x gpus devices, its limit from a
-    probe's or an estimate's result (or max_micro=N). Other options are PlanOptions' fields
+    probe's or an estimate's result, or a routes result's route (its recommended one, or route=K), or
+    max_micro=N. Other options are PlanOptions' fields
     (base_lr, base_batch, strategy, gpu, dataset_size, epochs, seq_len, ...)."""
     from bsplan.planning.plan import PlanOptions
     from bsplan.planning.planner import make_plan
