@@ -16,7 +16,7 @@ from bsplan.measure.estimate import measure_step, predict_measured, run_estimate
 from bsplan.measure.flops import flops_per_sample
 from bsplan.measure.options import ProbeOptions
 from bsplan.measure.probe import run_probe
-from bsplan.measure.routes import _variant, run_routes
+from bsplan.measure.routes import _estimates, _variant, run_routes
 from bsplan.models.source import Callables, ModelSource
 from bsplan.planning.catalog import find_gpu
 from bsplan.planning.choices import Precision, Strategy
@@ -26,7 +26,7 @@ from bsplan.planning.planner import make_plan
 from bsplan.planning.prediction import EstimateOptions
 from bsplan.planning.route_export import export_route
 from bsplan.planning.routes import (
-    OPTIMIZERS, PRECISIONS, STRATEGIES, Knobs, Route, RoutesOptions, RoutesResult, matrix, parse_current,
+    OPTIMIZERS, PRECISIONS, STRATEGIES, Knobs, Route, RoutesOptions, RoutesResult, make_routes, matrix, parse_current,
 )
 from bsplan.planning.strategies import Layout
 from bsplan.planning.units import parse_size
@@ -232,6 +232,19 @@ def test_a_plan_from_a_saved_routes_result_takes_its_recommended_route(tiny: tup
         make_plan(replace(options.plan, probe_result=saved, gpus_per_node=8))
     with pytest.raises(BadInput, match="--strategy recomputes a probe's limit from its memory line"):
         make_plan(replace(options.plan, probe_result=saved, strategy="zero1"))
+
+
+def test_with_trace_wrappers_ddp_and_fsdp_routes_are_what_estimate_traces_on_a_fake_group() -> None:
+    options = _options(gpus=2, trace_wrappers=True)
+    estimates = _estimates(ModelSource(str(TINY)), Knobs(), options, Quiet())  # the model's own setup
+    result = make_routes(options, [(Knobs(), estimates, None)])
+    for strategy in (Strategy.ddp, Strategy.fsdp):
+        layout = Layout(strategy, 2)
+        traced = run_estimate(ModelSource(str(TINY)), EstimateOptions(memory_bytes=parse_size(BUDGET), max_batch=256, layout=layout),
+                              Quiet())
+        route = _route(result, "fp32", False, "own", strategy)
+        assert route.max_micro_batch == traced.max_batch and route.sources["max_micro_batch"] == "traced"
+    assert _route(result, "fp32", False, "own", "zero2").sources["max_micro_batch"] == "traced+arithmetic"
 
 
 def test_a_route_limit_is_the_estimate_of_its_setting(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:

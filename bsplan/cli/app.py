@@ -349,6 +349,7 @@ def routes(
     current: Optional[str] = typer.Option(None, help="Your setup, e.g. bf16,checkpointing,sgd,zero2 (default: fp32, the model's optimizer, ddp)."),
     interconnect: Optional[float] = typer.Option(None, help="GB/s each GPU sends at (nccl-tests busbw). Default: half the --gpu's NVLink."),
     noise_scale: Optional[str] = typer.Option(None, help="Gradient noise scale B (or a saved `bsplan noise --output` file): the target against it."),
+    trace_wrappers: bool = typer.Option(False, "--trace-wrappers", help="Trace DDP and FSDP on a fake process group per setting (3 traces, not 1)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (bsplan.routes/1) instead of tables."),
     output_format: PlanFormat = typer.Option(PlanFormat.table, "--format", help="table, json, or the route for deepspeed, hf, lightning, torchrun."),
     route: Optional[int] = typer.Option(None, help="With --format: export route K instead of the recommended one."),

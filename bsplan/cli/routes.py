@@ -67,7 +67,7 @@ def _options(values: dict[str, Any], exporting: bool) -> tuple[ModelSource, Rout
         target=values["target"], target_tokens=values["target_tokens"], seq_len=source.seq_len, gpus=values["gpus"],
         nodes=values["nodes"], gpu=values["gpu"], memory=values["memory"], current=values["current"],
         interconnect=values["interconnect"], lora=None if source.lora is None else str(source.lora), route=values["route"],
-        exporting=exporting, noise_scale=values["noise_scale"],
+        exporting=exporting, noise_scale=values["noise_scale"], trace_wrappers=values["trace_wrappers"],
     )
     return source, options
 

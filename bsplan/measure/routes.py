@@ -16,7 +16,7 @@ from bsplan.models.source import ModelSource
 from bsplan.planning.choices import Method, Strategy
 from bsplan.planning.errors import BsplanError, first_line
 from bsplan.planning.results import EstimateResult, Trial
-from bsplan.planning.routes import STRATEGIES, Knobs, Measured, RoutesOptions, RoutesResult, make_routes, matrix
+from bsplan.planning.routes import STRATEGIES, TRACED_WRAPPERS, Knobs, Measured, RoutesOptions, RoutesResult, make_routes, matrix
 from bsplan.planning.strategies import Layout
 
 
@@ -60,14 +60,21 @@ def _variant(source: ModelSource, knobs: Knobs) -> ModelSource:
 
 
 def _estimates(source: ModelSource, knobs: Knobs, options: RoutesOptions, progress: Progress) -> dict[Strategy, EstimateResult]:
-    """One measurement of the step, and the prediction under each strategy at the world size from it."""
-    estimate = replace(options.estimate, precision=knobs.precision)
+    """One measurement of the step, and the prediction under each strategy at the world size from it;
+    with --trace-wrappers, DDP and FSDP traced themselves on a fake process group of that size, as
+    `bsplan estimate --strategy ddp|fsdp` traces them (a trace each more)."""
+    estimate, world = replace(options.estimate, precision=knobs.precision), options.plan.world_size
     measurement, traced, _ = measure_step(source, estimate, _Quiet(), compose=False)
     if not measurement.traced:
         progress.note(f"  {measurement.notes[0]}")
-    world, method = options.plan.world_size, Method.trace if measurement.traced else Method.run
-    return {strategy: replace(predict_measured(measurement, traced, replace(estimate, layout=Layout(strategy, world))), method=method)
-            for strategy in STRATEGIES}
+    method = Method.trace if measurement.traced else Method.run
+    results = {strategy: replace(predict_measured(measurement, traced, replace(estimate, layout=Layout(strategy, world))), method=method)
+               for strategy in STRATEGIES}
+    for strategy in TRACED_WRAPPERS if options.trace_wrappers and world > 1 else ():
+        wrapped = replace(estimate, layout=Layout(strategy, world))
+        measurement, traced, _ = measure_step(source, wrapped, _Quiet(), compose=False)
+        results[strategy] = replace(predict_measured(measurement, traced, wrapped), method=Method.trace if traced else Method.run)
+    return results
 
 
 class _Quiet:

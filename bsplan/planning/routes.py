@@ -30,6 +30,7 @@ from bsplan.planning.units import format_bytes
 PRECISIONS = (Precision.fp32, Precision.bf16, Precision.mixed)
 OPTIMIZERS = ("own", "sgd", "adafactor")  # own: the model file's build_optimizer, else AdamW (measure/workload.py)
 STRATEGIES = (Strategy.ddp, Strategy.zero1, Strategy.zero2, Strategy.fsdp)
+TRACED_WRAPPERS = (Strategy.ddp, Strategy.fsdp)  # what --trace-wrappers traces on a fake process group (zero1/2 have no wrapper)
 # Checkpointing recomputes the forward pass in backward: one more forward per step, a third of forward and
 # backward together, the backward costing about two forwards (Chen et al. 2016, arXiv:1604.06174;
 # Korthikanti et al. 2022, arXiv:2205.05198).
@@ -109,11 +110,12 @@ class RoutesOptions:
     interconnect_gb_per_s: float | None = None  # what each GPU sends at, one direction (nccl-tests' busbw)
     route: int | None = None  # --route K: export route K instead of the recommended one
     noise: NoiseEfficiency | None = None  # --noise-scale: what the target costs in steps and examples against it
+    trace_wrappers: bool = False  # --trace-wrappers: DDP and FSDP traced on a fake process group, not arithmetic
 
     @classmethod
     def from_cli(cls, *, target: int | None, target_tokens: str | None, seq_len: int | None, gpus: int, nodes: int,
                  gpu: str | None, memory: str | None, current: str | None, interconnect: float | None, lora: str | None,
-                 route: int | None, exporting: bool, noise_scale: str | None = None) -> RoutesOptions:
+                 route: int | None, exporting: bool, noise_scale: str | None = None, trace_wrappers: bool = False) -> RoutesOptions:
         """The options, each bad one refused with one sentence before anything is traced."""
         plan = PlanOptions.from_cli(target=target, target_tokens=target_tokens, seq_len=seq_len, gpus_per_node=gpus, nodes=nodes)
         decompose(plan.global_batch, plan.world_size, None)  # a target the devices cannot share is refused here
@@ -127,7 +129,7 @@ class RoutesOptions:
         if route is not None and not 1 <= route <= count:
             raise BadInput(f"--route {route} is not a route: they are numbered 1 to {count}")
         knobs, strategy = parse_current(current, lora is not None)
-        return cls(plan, estimate, knobs, strategy, lora, interconnect, route, noise_efficiency(noise_scale))
+        return cls(plan, estimate, knobs, strategy, lora, interconnect, route, noise_efficiency(noise_scale), trace_wrappers)
 
     def bandwidth(self) -> tuple[float | None, str]:
         """GB/s each device sends at, and where that comes from (or why it is unknown)."""
@@ -247,7 +249,7 @@ def _route(estimates: dict[Strategy, EstimateResult] | str, options: RoutesOptio
     sending_seconds = 0.0 if sent == 0 else None if bandwidth is None else sent / (bandwidth * 1e9)
     computing = fields["compute_seconds"]
     sending = dict(communication_bytes=sent, communication_seconds=sending_seconds,
-                   sources={"max_micro_batch": ("traced" if estimate.method == "trace" else "cpu-steps") + "+arithmetic",
+                   sources={"max_micro_batch": _how_measured(estimate, options, fields["strategy"], world),
                             "model_states_per_device": "arithmetic",
                             "relative_compute": "modelled" if fields["flops_per_sample"] is None else "traced flops+modelled",
                             "flops_per_sample": "traced", "compute_seconds": "modelled", "communication_bytes": "modelled",
@@ -261,6 +263,14 @@ def _route(estimates: dict[Strategy, EstimateResult] | str, options: RoutesOptio
     split = decompose(options.plan.global_batch, world, most).choice
     return Route(**fields, **sending, fits=True, max_micro_batch=most, micro_batch=split.micro_batch,
                  accumulation_steps=split.accumulation_steps, miss=None, predicted_step_seconds=predicted)
+
+
+def _how_measured(estimate: EstimateResult, options: RoutesOptions, strategy: Strategy, world: int) -> str:
+    """The route's limit: its strategy traced on a fake process group, or one replica traced (or run as
+    real CPU steps where it could not be traced) and the strategy applied by arithmetic."""
+    if estimate.method == "trace" and options.trace_wrappers and strategy in TRACED_WRAPPERS and world > 1:
+        return "traced"
+    return ("traced" if estimate.method == "trace" else "cpu-steps") + "+arithmetic"
 
 
 def _ranked(routes: list[Route]) -> tuple[Route, ...]:
@@ -281,10 +291,13 @@ def _ranked(routes: list[Route]) -> tuple[Route, ...]:
 
 def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured]) -> tuple[str, ...]:
     plan = options.plan
+    wrappers = ("; ddp and fsdp traced themselves on a fake process group of the world size (--trace-wrappers)"
+                if options.trace_wrappers and plan.world_size > 1 else
+                "; `bsplan estimate --strategy ddp|fsdp` (or --trace-wrappers) traces the real wrapper instead, and may differ")
     notes = [
         "measured: each route's max_micro_batch, from its knobs' training step traced once on one replica against the "
         "budget (bsplan estimate's trace engine) and each strategy's model states per device by arithmetic on it "
-        "(docs/strategies.md); `bsplan estimate --strategy ddp|fsdp` traces the real wrapper instead, and may differ",
+        f"(docs/strategies.md){wrappers}",
         f"max_micro_batch is capped at a device's share of the target, {plan.global_batch // plan.world_size}: no split uses more",
         "modelled, not measured: relative_compute (the traced step's FLOPs, else checkpointing 4/3; bf16 and mixed 1/2 of "
         f"fp32) and the bytes each strategy moves per step ({ZERO_PAPER}, section 7) (docs/routes.md)",
