@@ -187,6 +187,11 @@ def test_on_a_gpu_each_route_has_a_step_time_from_its_counted_flops() -> None:
         assert route.predicted_step_seconds == pytest.approx(route.compute_seconds + route.communication_bytes / 450e9)
     assert [r.predicted_step_seconds for r in fitting] == sorted(r.predicted_step_seconds for r in fitting)  # ranked by it
     assert any("predicted_step_seconds: a device's share of the traced FLOPs" in note for note in result.notes)
+    across = make_routes(_options(memory=None, gpu="h100", nodes=2, gpus=2),  # no bandwidth across nodes: no step times
+                         [(Knobs(), _estimates(ModelSource(str(TINY)), Knobs(), _options(memory=None, gpu="h100", nodes=2, gpus=2),
+                                               Quiet()), flops)])
+    assert all(r.predicted_step_seconds is None and "predicted_step_seconds" not in r.sources for r in across.routes)
+    assert any("not for every route (no interconnect bandwidth is known)" in note for note in across.notes)
 
 
 class _Attention(torch.nn.Module):
@@ -245,6 +250,21 @@ def test_with_trace_wrappers_ddp_and_fsdp_routes_are_what_estimate_traces_on_a_f
         route = _route(result, "fp32", False, "own", strategy)
         assert route.max_micro_batch == traced.max_batch and route.sources["max_micro_batch"] == "traced"
     assert _route(result, "fp32", False, "own", "zero2").sources["max_micro_batch"] == "traced+arithmetic"
+    arithmetic = make_routes(replace(options, trace_wrappers=False), [(Knobs(), _estimates(ModelSource(str(TINY)), Knobs(),
+                                                                                              replace(options, trace_wrappers=False), Quiet()), None)])
+    for strategy in (Strategy.ddp, Strategy.fsdp):  # what a device sends is the whole replica's, however its limit was measured
+        assert _route(result, "fp32", False, "own", strategy).communication_bytes == _route(arithmetic, "fp32", False, "own",
+                                                                                             strategy).communication_bytes
+
+
+def test_a_wrapper_that_cannot_be_traced_keeps_the_arithmetic_and_says_so() -> None:
+    """torch's Adafactor steps FSDP's sharded parameters in place in a way the fake tensors refuse: its
+    FSDP routes keep the arithmetic on one replica (never real steps of a whole replica instead)."""
+    source, knobs = _variant(ModelSource(str(TINY)), Knobs(optimizer="adafactor")), Knobs(optimizer="adafactor")
+    traced = _estimates(source, knobs, _options(gpus=2, trace_wrappers=True), Quiet())
+    arithmetic = _estimates(source, knobs, _options(gpus=2), Quiet())
+    assert traced[Strategy.fsdp].max_batch == arithmetic[Strategy.fsdp].max_batch and traced[Strategy.fsdp].method == "trace"
+    assert any(note.startswith("the step could not be traced under fsdp") for note in traced[Strategy.fsdp].notes)
 
 
 def test_a_route_limit_is_the_estimate_of_its_setting(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:

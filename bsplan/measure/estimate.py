@@ -58,11 +58,11 @@ def predict_measured(measurement: Measurement, traced: ProbeResult | None, optio
     return _exact(result, measurement, traced, composition, options)
 
 
-def measure_step(model_source: SourceLike, options: EstimateOptions, progress: Progress,
-                 compose: bool = True) -> tuple[Measurement, ProbeResult | None, PeakComposition | None]:
+def measure_step(model_source: SourceLike, options: EstimateOptions, progress: Progress, compose: bool = True,
+                 fallback_to_run: bool = True) -> tuple[Measurement, ProbeResult | None, PeakComposition | None]:
     """The step measured once for the options' target, which `bsplan routes` then predicts for under
     each strategy: traced (with the traced search, and its peak's composition unless compose=False),
-    else real CPU steps."""
+    else real CPU steps (else, with fallback_to_run=False, TraceFailed)."""
     device, overheads = options.target()
     budget = device.total_bytes - overheads.total_bytes
     fallback: tuple[str, ...] = ()
@@ -73,10 +73,16 @@ def measure_step(model_source: SourceLike, options: EstimateOptions, progress: P
             raise
         except Exception as error:  # noqa: BLE001 - an operator with no fake implementation, or the model's own error
             why = re.sub(r"\S*=?<[^<>]* at 0x[0-9a-f]+>", "", first_line(error)).strip()
+            if not fallback_to_run:
+                raise TraceFailed(why) from None
             fallback = (f"the step could not be traced ({why}): measured with real steps on the CPU instead (--method run)",)
             progress.note(fallback[0])
     measurement = measure(model_source, options.precision, options.mode, progress, budget)
     return replace(measurement, notes=fallback + measurement.notes), None, None
+
+
+class TraceFailed(Exception):
+    """A step that could not be traced, where real steps are not wanted instead: the reason, in one line."""
 
 
 def _exact(result: EstimateResult, measurement: Measurement, traced: ProbeResult, composition: PeakComposition | None,

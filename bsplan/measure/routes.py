@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bsplan.measure.estimate import measure_step, predict_measured
+from bsplan.measure.estimate import TraceFailed, measure_step, predict_measured
 from bsplan.measure.flops import flops_per_sample
 from bsplan.measure.options import Progress
 from bsplan.models.source import ModelSource
@@ -70,10 +70,16 @@ def _estimates(source: ModelSource, knobs: Knobs, options: RoutesOptions, progre
     method = Method.trace if measurement.traced else Method.run
     results = {strategy: replace(predict_measured(measurement, traced, replace(estimate, layout=Layout(strategy, world))), method=method)
                for strategy in STRATEGIES}
-    for strategy in TRACED_WRAPPERS if options.trace_wrappers and world > 1 else ():
+    for strategy in TRACED_WRAPPERS if options.trace_wrappers and world > 1 and measurement.traced else ():
         wrapped = replace(estimate, layout=Layout(strategy, world))
-        measurement, traced, _ = measure_step(source, wrapped, _Quiet(), compose=False)
-        results[strategy] = replace(predict_measured(measurement, traced, wrapped), method=Method.trace if traced else Method.run)
+        try:  # never real steps instead: a whole replica's CPU steps are what the trace is there to avoid
+            measured, traced, _ = measure_step(source, wrapped, _Quiet(), compose=False, fallback_to_run=False)
+        except TraceFailed as error:
+            why = f"the step could not be traced under {strategy} ({error}): its routes keep the arithmetic on one replica"
+            progress.note(f"  {why}")
+            results[strategy] = replace(results[strategy], notes=results[strategy].notes + (why,))
+            continue
+        results[strategy] = replace(predict_measured(measured, traced, wrapped), method=Method.trace)
     return results
 
 

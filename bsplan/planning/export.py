@@ -63,7 +63,8 @@ def deepspeed_config(plan: Plan) -> Export:
     measured_with = _settings(plan).get("optimizer")  # a route's: Adafactor is none of DeepSpeed's
     if plan.optimizer in _DEEPSPEED_OPTIMIZER and measured_with != "adafactor":
         name, extra = _DEEPSPEED_OPTIMIZER[plan.optimizer]
-        config["optimizer"] = {"type": name, "params": {"lr": rate.value, **extra}}
+        momentum = {"momentum": 0.9} if measured_with == "sgd" else {}  # as the route was measured (measure/workload.py)
+        config["optimizer"] = {"type": name, "params": {"lr": rate.value, **extra, **momentum}}
     else:
         missing = "Adafactor" if measured_with == "adafactor" else plan.optimizer
         notes.append(f"DeepSpeed has no {missing}: pass your own to deepspeed.initialize(optimizer=...) with lr {rate.value:g}")

@@ -28,6 +28,7 @@ def make_plan(options: PlanOptions, cwd: Path = Path(".")) -> Plan:
     probe = limit.probe
     if probe is not None and probe.kind == "routes" and probe.settings["optimizer"] == "sgd":
         options = replace(options, optimizer=Optimizer.sgd)  # the route's limit holds only with the SGD it was measured with
+        notes.append("the route was measured with SGD (momentum 0.9): the plan's learning-rate scaling and warmup are SGD's")
     world = options.world_size
     notes[:0] = _token_notes(options, probe is not None and probe.seq_len is None)
     try:

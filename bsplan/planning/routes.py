@@ -228,7 +228,8 @@ def make_routes(options: RoutesOptions, measured: Sequence[Measured]) -> RoutesR
     assert not isinstance(own, str)
     return RoutesResult(own[Strategy.ddp].model, own[Strategy.ddp].device, plan.global_batch, plan.nodes, plan.gpus_per_node,
                         {**current, "strategy": options.current_strategy}, bandwidth, options.lora,
-                        None if options.noise is None else options.noise.at(plan.global_batch, plan.world_size), _ranked(routes), _notes(options, where, measured))
+                        None if options.noise is None else options.noise.at(plan.global_batch, plan.world_size),
+                        _ranked(routes, _timed(routes)), _notes(options, where, measured, _timed(routes)))
 
 
 def _knob_fields(knobs: Knobs) -> dict[str, Any]:
@@ -245,16 +246,22 @@ def _route(estimates: dict[Strategy, EstimateResult] | str, options: RoutesOptio
                      communication_bytes=None, communication_seconds=None, miss=estimates, sources={})
     world, estimate = fields["world_size"], estimates[fields["strategy"]]
     parameters, gradients = COMMUNICATED[fields["strategy"]]
-    sent = 0 if world == 1 else round(parameters * estimate.breakdown.parameter_bytes + gradients * estimate.breakdown.gradient_bytes)
+    replica = estimates[Strategy.zero1].breakdown  # zero1 is always arithmetic on the whole replica's trace
+    sent = 0 if world == 1 else round(parameters * replica.parameter_bytes + gradients * replica.gradient_bytes)
     sending_seconds = 0.0 if sent == 0 else None if bandwidth is None else sent / (bandwidth * 1e9)
     computing = fields["compute_seconds"]
+    unknown = computing is None or sending_seconds is None or estimate.max_batch is None  # a route that does not fit has no step
+    predicted = None if unknown else computing + sending_seconds  # type: ignore[operator]
+    traced = any(note.startswith(f"{fields['strategy']} traced on a fake process group") for note in estimate.notes)
+    how = {"max_micro_batch": "traced" if traced else ("traced" if estimate.method == "trace" else "cpu-steps") + "+arithmetic",
+           "model_states_per_device": "traced" if traced else "arithmetic",
+           "relative_compute": "modelled" if fields["flops_per_sample"] is None else "traced flops+modelled",
+           "flops_per_sample": "traced", "compute_seconds": "modelled", "communication_bytes": "modelled",
+           "communication_seconds": "modelled", "predicted_step_seconds": "modelled"}
+    known = {"flops_per_sample": fields["flops_per_sample"], "compute_seconds": computing, "communication_seconds": sending_seconds,
+             "predicted_step_seconds": predicted}
     sending = dict(communication_bytes=sent, communication_seconds=sending_seconds,
-                   sources={"max_micro_batch": _how_measured(estimate, options, fields["strategy"], world),
-                            "model_states_per_device": "arithmetic",
-                            "relative_compute": "modelled" if fields["flops_per_sample"] is None else "traced flops+modelled",
-                            "flops_per_sample": "traced", "compute_seconds": "modelled", "communication_bytes": "modelled",
-                            "communication_seconds": "modelled", "predicted_step_seconds": "modelled"})
-    predicted = None if computing is None or sending_seconds is None else computing + sending_seconds
+                   sources={name: way for name, way in how.items() if known.get(name, True) is not None})
     most = estimate.max_batch
     if most is None:
         needs = estimate.fit.peak(1) + estimate.overheads.total_bytes
@@ -265,20 +272,17 @@ def _route(estimates: dict[Strategy, EstimateResult] | str, options: RoutesOptio
                  accumulation_steps=split.accumulation_steps, miss=None, predicted_step_seconds=predicted)
 
 
-def _how_measured(estimate: EstimateResult, options: RoutesOptions, strategy: Strategy, world: int) -> str:
-    """The route's limit: its strategy traced on a fake process group, or one replica traced (or run as
-    real CPU steps where it could not be traced) and the strategy applied by arithmetic."""
-    if estimate.method == "trace" and options.trace_wrappers and strategy in TRACED_WRAPPERS and world > 1:
-        return "traced"
-    return ("traced" if estimate.method == "trace" else "cpu-steps") + "+arithmetic"
+def _timed(routes: Sequence[Route]) -> bool:
+    """Whether every fitting route has a predicted step time (a --gpu with a known peak and interconnect,
+    FLOPs counted), so that the routes rank by it."""
+    fitting = [route for route in routes if route.fits]
+    return bool(fitting) and all(route.predicted_step_seconds is not None for route in fitting)
 
 
-def _ranked(routes: list[Route]) -> tuple[Route, ...]:
-    """Fitting routes by predicted step time where every one has it (a --gpu with a known peak and
-    interconnect, FLOPs counted); else by compute, then bytes moved (in different units while no speed
-    is known); then fewest changes, then fewest accumulation steps."""
+def _ranked(routes: list[Route], timed: bool) -> tuple[Route, ...]:
+    """Fitting routes by predicted step time where _timed; else by compute, then bytes moved (in
+    different units while no speed is known); then fewest changes, then fewest accumulation steps."""
     fitting = [r for r in routes if r.fits]
-    timed = all(r.predicted_step_seconds is not None for r in fitting)
 
     def cost(route: Route) -> tuple[float, ...]:
         if timed:
@@ -289,7 +293,7 @@ def _ranked(routes: list[Route]) -> tuple[Route, ...]:
     return tuple(replace(route, rank=rank) for rank, route in enumerate(fitting, 1)) + tuple(r for r in routes if not r.fits)
 
 
-def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured]) -> tuple[str, ...]:
+def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured], timed: bool) -> tuple[str, ...]:
     plan = options.plan
     wrappers = ("; ddp and fsdp traced themselves on a fake process group of the world size (--trace-wrappers)"
                 if options.trace_wrappers and plan.world_size > 1 else
@@ -302,7 +306,7 @@ def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured])
         "modelled, not measured: relative_compute (the traced step's FLOPs, else checkpointing 4/3; bf16 and mixed 1/2 of "
         f"fp32) and the bytes each strategy moves per step ({ZERO_PAPER}, section 7) (docs/routes.md)",
         f"communication_seconds: {bandwidth}",
-        _timing(options, measured),
+        _timing(options, timed),
     ]
     if options.noise is not None:
         notes.append(_noise_note(options.noise, plan.global_batch, plan.world_size))
@@ -313,7 +317,8 @@ def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured])
         notes.append(f"{gpu.key} has no bf16 tensor cores: bf16 and mixed routes are counted as fast as fp32")
     reasons: dict[str, list[str]] = {}  # each reason a setting was not traced, said once for all it stopped
     for knobs, estimates, _ in measured:
-        for text in [estimates] if isinstance(estimates, str) else estimates[Strategy.ddp].notes:
+        texts = [estimates] if isinstance(estimates, str) else dict.fromkeys(n for e in estimates.values() for n in e.notes)
+        for text in texts:
             if text.startswith(("the step could not be traced", "not measured")):
                 reasons.setdefault(text, []).append(knobs.label())
     notes.extend(f"{'; '.join(labels)}: {text}" for text, labels in reasons.items())
@@ -333,14 +338,15 @@ def _noise_note(noise: NoiseEfficiency, target: int, world_size: int) -> str:
             f"{EFFICIENT_MULTIPLE:g}x, so every route here needs {noise.examples_ratio(target):.3g}x the fewest examples; {smaller}")
 
 
-def _timing(options: RoutesOptions, measured: Sequence[Measured]) -> str:
-    """What predicted_step_seconds is, or why there is none, and so what the ranking is by."""
-    gpu = options.estimate.gpu
-    if gpu is None or gpu.bf16_tflops is None:
-        why = "a --memory budget has no speed" if gpu is None else f"{gpu.key} has no bf16 tensor-core peak in the catalogue"
-        return f"predicted_step_seconds: none ({why}): the ranking is by compute, then bytes moved, then fewest changes"
-    if any(flops is None for _, estimates, flops in measured if not isinstance(estimates, str)):
-        return "predicted_step_seconds: none where FLOPs were not counted: the ranking is by compute, then bytes moved"
+def _timing(options: RoutesOptions, timed: bool) -> str:
+    """What predicted_step_seconds is, or why not every route has one, and so what the ranking is by."""
+    gpu, bandwidth = options.estimate.gpu, options.bandwidth()[0]
+    if not timed:
+        why = ("a --memory budget has no speed" if gpu is None else f"{gpu.key} has no bf16 tensor-core peak in the catalogue"
+               if gpu.bf16_tflops is None else "no interconnect bandwidth is known" if bandwidth is None and options.plan.world_size > 1
+               else "FLOPs were not counted for every setting, or no route fits")
+        return f"predicted_step_seconds: not for every route ({why}): the ranking is by compute, then bytes moved, then fewest changes"
+    assert gpu is not None and gpu.bf16_tflops is not None
     return (f"predicted_step_seconds: a device's share of the traced FLOPs at {gpu.key}'s dense peak ({gpu.bf16_tflops:g} "
             f"TFLOP/s bf16, half that for fp32 as TF32) plus communication_seconds after it: no kernel sustains the peak, "
             "and communication overlaps compute, so real steps differ both ways; the ranking is by it, then fewest changes")
