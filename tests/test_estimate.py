@@ -145,3 +145,18 @@ def test_plan_gpu_needs_a_probe_and_no_max_micro(workdir: Path) -> None:
     assert run.code == 2 and "--gpu scales a probe's memory" in run.stderr
     run = bsplan("plan", "--target", "64", "--gpu", "h100", "--max-micro", "8", cwd=workdir)
     assert run.code == 2 and "give one of them" in run.stderr
+
+
+def test_a_model_too_large_to_build_here_is_refused_in_one_sentence_not_a_traceback() -> None:
+    """--method run builds the model in this machine's memory: where building it runs out (an 8B model
+    on a laptop), one sentence that says to trace it, as probe says of a model that does not fit."""
+    import torch
+
+    import bsplan as bsplan_api
+    from bsplan.planning.errors import NoFit
+
+    def too_large() -> torch.nn.Module:
+        raise torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 32000000000 bytes")
+
+    with pytest.raises(NoFit, match=r"building it ran out of this machine's memory .*\(--method trace\)"):
+        bsplan_api.estimate(too_large, lambda size: torch.zeros(size, 4), memory="1GiB", method="run")

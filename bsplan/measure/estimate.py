@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 
 from bsplan.backends.cpu import CpuDevice
+from bsplan.measure.oom import Failure, classify
 from bsplan.measure.options import Progress
 from bsplan.measure.sources import measure_static
 from bsplan.measure.trace import trace
@@ -125,7 +126,13 @@ def measure(model_source: SourceLike, precision: str, mode: str, progress: Progr
     device = CpuDevice(None)  # the host's memory as the limit: an exhausted host ends the doubling
     notes: list[str] = []
     with device.tracking():
-        model = workload.build_model()
+        try:
+            model = workload.build_model()
+        except Exception as error:
+            if classify(error) is Failure.OTHER:
+                raise
+            raise NoFit(f"{workload.name} could not be measured with real steps here: building it ran out of this machine's "
+                        f"memory ({format_bytes(device.info.total_bytes)}); trace it instead (--method trace)") from None
         model.train(mode == "train")
         runner = TrialRunner(workload, model, device, steps=ESTIMATE_STEPS, precision=precision, mode=mode)
         points: list[tuple[int, int]] = []
