@@ -297,7 +297,8 @@ def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured],
     plan = options.plan
     wrappers = ("; ddp and fsdp traced themselves on a fake process group of the world size (--trace-wrappers)"
                 if options.trace_wrappers and plan.world_size > 1 else
-                "; `bsplan estimate --strategy ddp|fsdp` (or --trace-wrappers) traces the real wrapper instead, and may differ")
+                "; `bsplan estimate --strategy ddp|fsdp` (or --trace-wrappers) traces the real wrapper instead, and may differ: "
+                "check an fsdp route so before training with it (docs/routes.md)")
     notes = [
         "measured: each route's max_micro_batch, from its knobs' training step traced once on one replica against the "
         "budget (bsplan estimate's trace engine) and each strategy's model states per device by arithmetic on it "
