@@ -3,7 +3,7 @@ for this plan, and its source."""
 
 from __future__ import annotations
 
-from bsplan.planning.decomposition import micro_batches
+from bsplan.planning.comparison import fewest_steps, simplest_of_fewest
 from bsplan.planning.noise import EFFICIENT_MULTIPLE, MCCANDLISH, MERRILL, NoiseEfficiency
 from bsplan.planning.plan import Limit, Plan, PlanOptions, PlanWarning
 from bsplan.planning.saved import SavedProbe
@@ -134,10 +134,9 @@ def _split_at(plan: Plan, target: int) -> str:
     `--strategy auto`, under the simplest strategy needing the fewest (comparison.py's rule)."""
     per_device = target // plan.world_size
     limits = [(row.strategy, row.max_micro_batch) for row in plan.strategies if row.max_micro_batch is not None]
-    splits = [(strategy, micros[0]) for strategy, most in limits or [(plan.strategy, plan.limit.micro_batch)]
-              if (micros := micro_batches(per_device, most, plan.multiple_of))]
-    if not splits:
+    best = simplest_of_fewest([fewest_steps(strategy, most, per_device, plan.multiple_of)
+                               for strategy, most in limits or [(plan.strategy, plan.limit.micro_batch)]])
+    if best is None:
         return ""
-    strategy, micro = min(splits, key=lambda split: per_device // split[1])  # the first of the fewest: the simplest
-    chosen = f" under {strategy}, the simplest strategy that needs the fewest accumulation steps there" if limits else ""
-    return f" is {micro} x {per_device // micro} x {plan.world_size} devices{chosen}"
+    chosen = f" under {best.strategy}, the simplest strategy that needs the fewest accumulation steps there" if limits else ""
+    return f" is {best.micro_batch} x {best.accumulation_steps} x {plan.world_size} devices{chosen}"

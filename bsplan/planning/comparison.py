@@ -4,11 +4,13 @@ and the simplest of those that need the fewest accumulation steps."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from bsplan.planning.decomposition import micro_batches
 from bsplan.planning.errors import BadInput
 from bsplan.planning.limit import NothingFits, saved_probe, strategy_limit
 from bsplan.planning.plan import Limit, PlanOptions, StrategyOption
+from bsplan.planning.choices import Strategy
 from bsplan.planning.strategies import BY_SIMPLICITY
 
 
@@ -29,16 +31,29 @@ def choose_strategy(options: PlanOptions, cwd: Path) -> tuple[Limit, list[str], 
             rows.append(StrategyOption(strategy, None, None, None))
             continue
         most = limits[strategy][0].micro_batch
-        micros = [] if remainder else micro_batches(per_device, most, options.multiple_of)
-        rows.append(StrategyOption(strategy, most, *((micros[0], per_device // micros[0]) if micros else (None, None))))
+        rows.append(StrategyOption(strategy, most, None, None) if remainder else fewest_steps(strategy, most, per_device,
+                                                                                               options.multiple_of))
     if not limits:
         raise BadInput(f"by {probe.describe()}, not even batch 1 fits on one device under any strategy at {options.world_size} devices")
-    split = [row for row in rows if row.accumulation_steps is not None]
-    fewest = min((row.accumulation_steps for row in split), default=None)
+    best = simplest_of_fewest(rows)
+    fewest = None if best is None else best.accumulation_steps
     # With no exact split anywhere, the roomiest strategy's decomposition explains why, naming the nearest targets.
-    chosen = next((row.strategy for row in split if row.accumulation_steps == fewest),
-                  max(limits, key=lambda name: limits[name][0].micro_batch or 0))
+    chosen = best.strategy if best is not None else max(limits, key=lambda name: limits[name][0].micro_batch or 0)
     limit, notes = limits[chosen]
     notes = [f"--strategy auto recommends {chosen}: the simplest of the strategies that need the fewest accumulation "
              f"steps ({fewest}); simplest first: {', '.join(BY_SIMPLICITY)}", *notes]
     return limit, notes, tuple(rows)
+
+
+def fewest_steps(strategy: Strategy, most: int | None, per_device: int, multiple_of: int) -> StrategyOption:
+    """A strategy's split of a device's share with the fewest accumulation steps within its limit `most`
+    (None: no limit); no micro-batch and steps where none divides the share exactly."""
+    micros = micro_batches(per_device, most, multiple_of)
+    return StrategyOption(strategy, most, *((micros[0], per_device // micros[0]) if micros else (None, None)))
+
+
+def simplest_of_fewest(rows: Sequence[StrategyOption]) -> StrategyOption | None:
+    """Of the rows that split (in BY_SIMPLICITY order), the first of those needing the fewest accumulation
+    steps: the recommendation of `--strategy auto`; None where none splits."""
+    return min((row for row in rows if row.accumulation_steps is not None), key=lambda row: row.accumulation_steps or 0,
+               default=None)
