@@ -16,8 +16,8 @@ from bsplan.measure.workload import load_workload
 from bsplan.models.source import ModelSource
 
 aten = torch.ops.aten
-# The CPU's fused attention, which a trace on the CPU runs, has no formula of torch's own: it is the same
-# arithmetic as the CUDA kernels' (arguments in the same order), so theirs count it.
+
+
 def _as_registered(formula: Callable[..., int]) -> Callable[..., int]:
     """A formula from torch's registry (which takes the operator's own arguments), marked so that
     FlopCounterMode does not wrap it a second time."""
@@ -27,6 +27,8 @@ def _as_registered(formula: Callable[..., int]) -> Callable[..., int]:
     return count
 
 
+# The CPU's fused attention, which a trace on the CPU runs, has no formula of torch's own: it is the same
+# arithmetic as the CUDA kernels' (arguments in the same order), so theirs count it.
 _CPU_ATTENTION = {
     aten._scaled_dot_product_flash_attention_for_cpu: _as_registered(flop_registry[aten._scaled_dot_product_flash_attention]),
     aten._scaled_dot_product_flash_attention_for_cpu_backward:

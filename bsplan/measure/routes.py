@@ -73,13 +73,13 @@ def _estimates(source: ModelSource, knobs: Knobs, options: RoutesOptions, progre
     for strategy in TRACED_WRAPPERS if options.trace_wrappers and world > 1 and measurement.traced else ():
         wrapped = replace(estimate, layout=Layout(strategy, world))
         try:  # never real steps instead: a whole replica's CPU steps are what the trace is there to avoid
-            measured, traced, _ = measure_step(source, wrapped, _Quiet(), compose=False, fallback_to_run=False)
+            on_group, traced, _ = measure_step(source, wrapped, _Quiet(), compose=False, fallback_to_run=False)
         except TraceFailed as error:
             why = f"the step could not be traced under {strategy} ({error}): its routes keep the arithmetic on one replica"
             progress.note(f"  {why}")
             results[strategy] = replace(results[strategy], notes=results[strategy].notes + (why,))
             continue
-        results[strategy] = replace(predict_measured(measured, traced, wrapped), method=Method.trace)
+        results[strategy] = replace(predict_measured(on_group, traced, wrapped), method=Method.trace)
     return results
 
 

@@ -182,7 +182,7 @@ def _precision(plan: Plan) -> str | None:
 def _deepspeed_mixed(plan: Plan) -> bool:
     """A limit measured with bf16 weights and fp32 master weights, planned under ZeRO: DeepSpeed's bf16
     is exactly that, and the Trainer and Lightning turn it on through their DeepSpeed integrations."""
-    return _precision(plan) == "mixed" and plan.strategy in _ZERO_STAGE and plan.strategy != "ddp"
+    return _precision(plan) == "mixed" and plan.strategy.startswith("zero")
 
 
 # Where a tool's own settings cannot make `mixed` (bf16 weights with fp32 master copies), as measured.

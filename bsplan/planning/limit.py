@@ -74,7 +74,7 @@ def _route_limit(probe: SavedProbe, options: PlanOptions) -> tuple[Limit, list[s
     """A route's max_micro_batch: measured per device under its strategy at its world size, which a
     sharded strategy's limit depends on (each device keeps 1/N of the states)."""
     layout = probe.layout
-    if layout.world_size != options.world_size and layout.strategy in (Strategy.zero1, Strategy.zero2, Strategy.fsdp):
+    if layout.world_size != options.world_size and layout.strategy != Strategy.ddp:  # each of the others keeps 1/N of some states
         raise BadInput(f"{probe.describe()} is per device under {layout.describe()}, not on {options.world_size} devices: plan "
                        f"with --gpus and --nodes making {layout.world_size}, or run `bsplan routes` for {options.world_size}")
     if probe.max_batch is None:

@@ -226,10 +226,11 @@ def make_routes(options: RoutesOptions, measured: Sequence[Measured]) -> RoutesR
                                  compute_seconds=seconds, changes=changes + (strategy != options.current_strategy), **fields))
     own = measured[0][1]  # the model's own setup: measured, or the whole command failed
     assert not isinstance(own, str)
+    timed = _timed(routes)
     return RoutesResult(own[Strategy.ddp].model, own[Strategy.ddp].device, plan.global_batch, plan.nodes, plan.gpus_per_node,
                         {**current, "strategy": options.current_strategy}, bandwidth, options.lora,
                         None if options.noise is None else options.noise.at(plan.global_batch, plan.world_size),
-                        _ranked(routes, _timed(routes)), _notes(options, where, measured, _timed(routes)))
+                        _ranked(routes, timed), _notes(options, where, measured, timed))
 
 
 def _knob_fields(knobs: Knobs) -> dict[str, Any]:
