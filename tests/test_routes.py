@@ -267,6 +267,15 @@ def test_a_wrapper_that_cannot_be_traced_keeps_the_arithmetic_and_says_so() -> N
     assert any(note.startswith("the step could not be traced under fsdp") for note in traced[Strategy.fsdp].notes)
 
 
+def test_lora_compute_is_said_to_be_full_fine_tuning_s_only_where_its_flops_were_not_counted() -> None:
+    options = _options(lora="r=8")
+    estimates = _estimates(ModelSource(str(TINY)), Knobs(), _options(), Quiet())
+    lora = "LoRA's compute is counted as full fine-tuning's"
+    for flops, said in ((None, True), (5e4, False)):  # counted FLOPs leave out the gradients LoRA skips
+        notes = make_routes(options, [(Knobs(), estimates, 7.8e4), (Knobs(lora=True), estimates, flops)]).notes
+        assert any(note.startswith(lora) for note in notes) == said
+
+
 def test_a_route_limit_is_the_estimate_of_its_setting(tiny: tuple[RoutesResult, RoutesOptions, list[str]]) -> None:
     result, _, _ = tiny
     route = _route(result, "fp32", False, "sgd", "zero2")

@@ -312,8 +312,9 @@ def _notes(options: RoutesOptions, bandwidth: str, measured: Sequence[Measured],
     ]
     if options.noise is not None:
         notes.append(_noise_note(options.noise, plan.global_batch, plan.world_size))
-    if options.lora is not None:
-        notes.append("LoRA's compute is counted as full fine-tuning's: the frozen weights' gradients it skips are not modelled")
+    if any(knobs.lora and flops is None for knobs, estimates, flops in measured if not isinstance(estimates, str)):
+        notes.append("LoRA's compute is counted as full fine-tuning's where its FLOPs were not counted: the frozen weights' "
+                     "gradients it skips are not modelled there")
     gpu = options.estimate.gpu
     if gpu is not None and gpu.bf16_tflops is None:
         notes.append(f"{gpu.key} has no bf16 tensor cores: bf16 and mixed routes are counted as fast as fp32")
